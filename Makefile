@@ -1,0 +1,40 @@
+# bertswarm: every target sets itself up on a fresh machine (creates or refreshes .venv first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+DEMO_PEERS ?= 3
+DEMO_SECONDS ?= 180
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(VENV)/.installed
+
+# CPU machines get torch's CPU wheel (small, no CUDA download); machines with an NVIDIA GPU get the default build.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q 'torch>=2.4'; \
+	else \
+		$(PY) -m pip install -q torch==2.13.0 || \
+		$(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(PY) -m peer.localswarm --peers $(DEMO_PEERS) --seconds $(DEMO_SECONDS) --workdir demo-state
+
+test: setup
+	$(PY) -m ruff check peer tests tools
+	$(PY) -m ruff format --check peer tests tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check peer tests tools
+
+format: setup
+	$(PY) -m ruff format peer tests tools
+
+clean:
+	rm -rf $(VENV) demo-state .pytest_cache .ruff_cache

@@ -1,0 +1,148 @@
+"""``bertswarm-peer``: flags and ``BERTSWARM_*`` environment variables → ``PeerConfig`` → ``trainer.run``.
+
+The parser is generated from the fields of ``PeerConfig``, so each setting is declared exactly once. A flag given on
+the command line wins over its environment variable, which wins over the default. User errors print one line on
+stderr and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+
+from peer import __version__
+from peer.config import PeerConfig
+from peer.errors import UserError
+
+ENV_PREFIX = "BERTSWARM_"
+GROUP_TITLES = {
+    "swarm": "joining the swarm",
+    "run": "run settings (shared by all peers via the manifest)",
+    "peer": "this peer",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2 (argparse's own convention), no usage dump
+        raise UserError(f"{message}; see bertswarm-peer --help")
+
+
+def _base_type(annotation) -> tuple[type, bool]:
+    """(element type, is_list) for annotations like ``int | None`` or ``list[str]``."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _fields():
+    hints = typing.get_type_hints(PeerConfig)
+    for f in dataclasses.fields(PeerConfig):
+        yield f, *_base_type(hints[f.name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bertswarm-peer",
+        description="Train BERT together with volunteers. With no arguments, start a new swarm on embedded "
+        "defaults; with --join, join a running swarm through any live peer.",
+        epilog=f"Every flag can also be set through an environment variable, e.g. --batch-size as "
+        f"{ENV_PREFIX}BATCH_SIZE. Lists in variables are space-separated.",
+    )
+    parser.add_argument("--version", action="version", version=f"bertswarm {__version__}")
+    groups = {name: parser.add_argument_group(title) for name, title in GROUP_TITLES.items()}
+    for f, base, is_list in _fields():
+        flag = "--" + f.name.replace("_", "-")
+        group = groups[f.metadata.get("group", "peer")]
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata['help']} [env {env}]"
+        # default=SUPPRESS: only flags the user actually passed appear in the namespace (needed for manifest checks)
+        if base is bool:
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        elif is_list:
+            group.add_argument(
+                flag,
+                action="append",
+                type=base,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=f.metadata.get("metavar"),
+            )
+        else:
+            group.add_argument(
+                flag, type=base, default=argparse.SUPPRESS, help=help_text, metavar=f.metadata.get("metavar")
+            )
+    return parser
+
+
+def _from_env(environ) -> dict:
+    values = {}
+    for f, base, is_list in _fields():
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is None or raw == "":
+            continue
+        name = ENV_PREFIX + f.name.upper()
+        try:
+            if base is bool:
+                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ValueError("expected 1/0, true/false or yes/no")
+                values[f.name] = raw.lower() in ("1", "true", "yes")
+            elif is_list:
+                values[f.name] = [base(item) for item in raw.split()]
+            else:
+                values[f.name] = base(raw)
+        except ValueError as e:
+            raise UserError(f"{name}={raw!r} is invalid ({e}); fix or unset the variable") from None
+    return values
+
+
+def parse_config(argv: list[str] | None = None, environ=None) -> tuple[PeerConfig, set[str]]:
+    """The validated config and the set of settings the user set explicitly (flag or environment variable)."""
+    environ = os.environ if environ is None else environ
+    values = _from_env(environ)
+    values.update(vars(build_parser().parse_args(argv)))
+    cfg = PeerConfig(**values).validate()
+    return cfg, set(values)
+
+
+def setup_logging() -> None:
+    level = os.environ.get("BERTSWARM_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level if level in logging._nameToLevel else "INFO",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # hivemind's own INFO lines are internals; its warnings and errors still show
+    for name in ("hivemind", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, explicit = parse_config(argv)
+        setup_logging()
+        from peer import trainer  # heavy imports (torch, hivemind) after the flags are known to be sane
+
+        trainer.run(cfg, explicit)
+    except UserError as e:
+        print(f"bertswarm-peer: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("bertswarm-peer: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Every setting of a peer, declared once: a typed dataclass field with its flag help.
+
+The command line and the ``BERTSWARM_*`` environment variables are generated from these fields (see ``cli.py``);
+``PeerConfig.validate`` is the single place that checks values. Settings that every peer of one run must share
+(model size, sequence length, optimizer, schedule, target batch) are *not* read from here at run time: they go into
+the run manifest (``manifest.py``), which joiners adopt from the swarm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peer.errors import UserError
+
+PRESETS = ("tiny", "mini", "base", "large")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adamw", "lamb")
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+
+
+def _opt(help: str, **kwargs):
+    """A dataclass field whose metadata carries the flag's help text (``cli.py`` builds argparse from it)."""
+    metadata = {"help": help}
+    if "metavar" in kwargs:
+        metadata["metavar"] = kwargs.pop("metavar")
+    if "group" in kwargs:
+        metadata["group"] = kwargs.pop("group")
+    return field(metadata=metadata, **kwargs)
+
+
+@dataclass
+class PeerConfig:
+    # --- swarm -----------------------------------------------------------------------------------------------------
+    join: list[str] = _opt(
+        "multiaddr of any live peer to join through (repeatable); without it, start a new swarm",
+        default_factory=list,
+        metavar="MADDR",
+        group="swarm",
+    )
+    listen: list[str] = _opt(
+        f"multiaddr to listen on (repeatable); default {DEFAULT_LISTEN} (loopback, random port). "
+        "Use /ip4/0.0.0.0/tcp/PORT to accept peers from other machines",
+        default_factory=list,
+        metavar="MADDR",
+        group="swarm",
+    )
+    announce: list[str] = _opt(
+        "multiaddr others should dial to reach you, e.g. /ip4/<public ip>/tcp/PORT (repeatable)",
+        default_factory=list,
+        metavar="MADDR",
+        group="swarm",
+    )
+    client_mode: bool = _opt(
+        "behind NAT/firewall: accept no inbound connections (you train and average through others)",
+        default=False,
+        group="swarm",
+    )
+    identity: str | None = _opt(
+        "private key file that fixes this peer's id across restarts (default: <state-dir>/identity.key)",
+        default=None,
+        metavar="PATH",
+        group="swarm",
+    )
+    state_dir: str = _opt(
+        "directory for this peer's identity and saved training state (one per peer process)",
+        default="bertswarm-state",
+        metavar="DIR",
+        group="swarm",
+    )
+    startup_timeout: float = _opt(
+        "seconds to wait for the bootstrap peer and the run manifest before giving up",
+        default=30.0,
+        metavar="SECONDS",
+        group="swarm",
+    )
+
+    # --- run (shared by all peers through the manifest) ---------------------------------------------------------
+    run_id: str | None = _opt(
+        "name of the training run (DHT key prefix); a joiner adopts the run it finds (default: bertswarm)",
+        default=None,
+        group="run",
+    )
+    preset: str = _opt(f"model size, one of {', '.join(PRESETS)}", default="tiny", group="run")
+    data: list[str] = _opt(
+        "training text: files, directories or globs of .txt / .jsonl (field 'text'), or hf:NAME[:CONFIG][:SPLIT]; "
+        "default: the embedded corpus",
+        default_factory=list,
+        metavar="PATH",
+        group="run",
+    )
+    tokenizer: str | None = _opt(
+        "WordPiece vocab.txt or tokenizer.json (default: the shipped 8192-token uncased vocab)",
+        default=None,
+        metavar="PATH",
+        group="run",
+    )
+    seq_len: int = _opt("tokens per training sequence", default=128, group="run")
+    mlm_probability: float = _opt("share of tokens masked for MLM", default=0.15, group="run")
+    nsp: bool = _opt("also train next-sentence prediction (BertForPreTraining)", default=False, group="run")
+    target_batch_size: int | None = _opt(
+        "samples the whole swarm accumulates per optimizer step (default: per preset)", default=None, group="run"
+    )
+    optimizer: str = _opt(f"one of {', '.join(OPTIMIZERS)}", default="adamw", group="run")
+    lr: float | None = _opt("peak learning rate (default: per preset)", default=None, group="run")
+    weight_decay: float = _opt("decoupled weight decay", default=0.01, group="run")
+    max_grad_norm: float = _opt("clip the averaged gradient to this global L2 norm (0 = off)", default=1.0, group="run")
+    warmup_steps: int = _opt("global steps of linear LR warm-up", default=50, group="run")
+    total_steps: int = _opt("global steps until the LR has decayed linearly to zero", default=10000, group="run")
+
+    # --- this peer ------------------------------------------------------------------------------------------------
+    batch_size: int | None = _opt(
+        "samples per local forward/backward pass (default: per preset)", default=None, group="peer"
+    )
+    device: str = _opt(f"one of {', '.join(DEVICES)}", default="auto", group="peer")
+    threads: int | None = _opt("torch CPU threads (default: torch's choice)", default=None, group="peer")
+    seed: int | None = _opt(
+        "seed of this peer's data order and masking (default: derived from peer id)", default=None, group="peer"
+    )
+    matchmaking_time: float = _opt(
+        "seconds to gather a group before averaging; raise it (e.g. 5-15) if rounds fail on slow networks",
+        default=3.0,
+        metavar="SECONDS",
+        group="peer",
+    )
+    averaging_timeout: float = _opt(
+        "seconds an averaging round may take before this peer falls back to its local gradients",
+        default=30.0,
+        metavar="SECONDS",
+        group="peer",
+    )
+    metrics_port: int | None = _opt(
+        "serve Prometheus metrics on this port (0 = any free port; default: off)",
+        default=None,
+        metavar="PORT",
+        group="peer",
+    )
+    metrics_host: str = _opt("address of the metrics endpoint", default="127.0.0.1", group="peer")
+    max_steps: int | None = _opt(
+        "leave cleanly after this many global optimizer steps of this peer", default=None, metavar="N", group="peer"
+    )
+    save_every: float = _opt(
+        "seconds between saves of local training state (0 = only at exit)",
+        default=120.0,
+        metavar="SECONDS",
+        group="peer",
+    )
+    log_every: float = _opt("seconds between progress reports", default=5.0, metavar="SECONDS", group="peer")
+
+    def validate(self) -> PeerConfig:
+        """Check every value; raise ``UserError`` naming the flag, the bad value and what is allowed."""
+        _choice("--preset", self.preset, PRESETS)
+        _choice("--device", self.device, DEVICES)
+        _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("seq_len", "target_batch_size", "batch_size", "threads", "max_steps", "total_steps"):
+            _positive(name, getattr(self, name))
+        if not 8 <= self.seq_len <= 512:
+            raise UserError(f"--seq-len {self.seq_len}: must be between 8 and 512 (BERT position embeddings)")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise UserError(f"--mlm-probability {self.mlm_probability}: must be strictly between 0 and 1")
+        if self.lr is not None and not 0.0 < self.lr < 1.0:
+            raise UserError(f"--lr {self.lr}: must be between 0 and 1, e.g. 5e-4")
+        for name in ("weight_decay", "max_grad_norm", "warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{_flag(name)} {getattr(self, name)}: must be >= 0")
+        for name in ("matchmaking_time", "averaging_timeout", "startup_timeout", "log_every"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{_flag(name)} {getattr(self, name)}: must be > 0 seconds")
+        if self.warmup_steps >= self.total_steps:
+            raise UserError(f"--warmup-steps {self.warmup_steps} must be smaller than --total-steps {self.total_steps}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise UserError(f"--metrics-port {self.metrics_port}: must be a TCP port 0-65535")
+        if self.run_id is not None and not _is_run_id(self.run_id):
+            raise UserError(
+                f"--run-id {self.run_id!r}: use 1-64 letters, digits, '-' or '_' (it prefixes the swarm's DHT keys)"
+            )
+        if self.client_mode and self.announce:
+            raise UserError("--client-mode accepts no inbound connections, so --announce makes no sense; drop one")
+        if self.batch_size and self.target_batch_size and self.batch_size > self.target_batch_size:
+            raise UserError(
+                f"--batch-size {self.batch_size} exceeds --target-batch-size {self.target_batch_size}; lower it"
+            )
+        return self
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+    @property
+    def identity_path(self) -> Path:
+        return Path(self.identity).expanduser() if self.identity else self.state_path / "identity.key"
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(PeerConfig)]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{flag} {value!r}: unknown; choose one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{_flag(name)} {value}: must be a positive integer")
+
+
+def _is_run_id(value: str) -> bool:
+    return 1 <= len(value) <= 64 and all(c.isalnum() or c in "-_" for c in value)

@@ -1,0 +1,49 @@
+"""Model presets and the manifest → ``transformers.BertConfig`` → model builder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One model size plus the training defaults that suit it (each can be overridden by a flag)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    batch_size: int
+    target_batch_size: int
+    lr: float
+
+
+PRESETS: dict[str, Preset] = {
+    # ~1.5M parameters with the 8192-token vocab: a CPU demo that learns visibly in minutes.
+    "tiny": Preset(128, 2, 2, 512, batch_size=16, target_batch_size=256, lr=1e-3),
+    # ~11M parameters (BERT-mini / small-ish): a laptop GPU or a patient CPU.
+    "mini": Preset(256, 4, 4, 1024, batch_size=32, target_batch_size=1024, lr=5e-4),
+    # BERT-base (110M with the original 30k vocab) and BERT-large (340M): real GPUs.
+    "base": Preset(768, 12, 12, 3072, batch_size=32, target_batch_size=4096, lr=2e-4),
+    "large": Preset(1024, 24, 16, 4096, batch_size=16, target_batch_size=8192, lr=1e-4),
+}
+
+
+def bert_config(model: dict) -> BertConfig:
+    """Build the ``BertConfig`` from the manifest's ``model`` section (see ``manifest.model_section``)."""
+    return BertConfig(**model)
+
+
+def build_model(model: dict, *, nsp: bool, seed: int) -> torch.nn.Module:
+    """Build a freshly initialised model; ``seed`` makes the initial weights identical on every peer."""
+    config = bert_config(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BertForPreTraining(config) if nsp else BertForMaskedLM(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

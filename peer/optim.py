@@ -1,0 +1,222 @@
+"""The optimizer side of a run: AdamW or LAMB with clipping of the *averaged* gradient, warm-up + linear decay keyed
+to the global epoch, and ``hivemind.Optimizer`` configured for small volunteer swarms.
+
+Tuning advice (the defaults suit 2-16 peers on one continent):
+
+- ``matchmaking_time`` (``--matchmaking-time``, default 3 s): how long a peer gathers a group before averaging. If
+  logs show "could not find a group" or rounds fail, raise it to 5-15 s; on loopback 1-3 s is plenty.
+- ``averaging_timeout`` (``--averaging-timeout``, default 30 s): after this a round is abandoned and the peer steps
+  with its local gradients (it will then resync parameters from peers). Raise it for large models on slow links.
+- The target batch is reached by the whole swarm; each peer contributes what it computed, weighted by its samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import hivemind
+import torch
+
+from peer.manifest import RunManifest
+
+logger = logging.getLogger(__name__)
+
+
+class ClippingMixin:
+    """Clip the global L2 norm of the gradients the optimizer is about to apply (i.e. the swarm-averaged ones)."""
+
+    max_grad_norm: float = 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.max_grad_norm > 0:
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        return super().step(closure)
+
+
+class ClippedAdamW(ClippingMixin, torch.optim.AdamW):
+    def __init__(self, params, *, max_grad_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2019): Adam moments with a per-tensor trust ratio ||w|| / ||update||, for large batches."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, clamp_value=10.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, clamp_value=clamp_value))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                step = state["step"].item()
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = exp_avg / (1 - beta1**step)
+                v_hat = exp_avg_sq / (1 - beta2**step)
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"] > 0:
+                    update.add_(p, alpha=group["weight_decay"])
+                w_norm = p.norm().clamp(max=group["clamp_value"])
+                u_norm = update.norm()
+                trust = (w_norm / u_norm) if w_norm > 0 and u_norm > 0 else torch.ones(())
+                p.add_(update, alpha=-group["lr"] * float(trust))
+        return loss
+
+
+class ClippedLamb(ClippingMixin, Lamb):
+    def __init__(self, params, *, max_grad_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (the BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def init_state_(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Create zero Adam moments without stepping.
+
+    hivemind needs optimizer state tensors to exist (to share them with joiners); left empty, it would create them
+    with a "virtual" optimizer step on zero gradients, which applies weight decay once and shifts the step count.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+    return opt
+
+
+def optimizer_factory(manifest: RunManifest) -> Callable[[Iterable], torch.optim.Optimizer]:
+    """The run's optimizer; the single-process reference in the tests builds it with this same function."""
+    kwargs = dict(lr=manifest.lr, weight_decay=manifest.weight_decay, max_grad_norm=manifest.max_grad_norm)
+    optimizer_class = ClippedLamb if manifest.optimizer == "lamb" else ClippedAdamW
+    return lambda params: init_state_(optimizer_class(params, betas=(0.9, 0.999), eps=1e-6, **kwargs))
+
+
+def lr_lambda(manifest: RunManifest) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps`` global steps, then linear decay to zero at ``total_steps``."""
+    warmup, total = manifest.warmup_steps, manifest.total_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def scheduler_factory(manifest: RunManifest):
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(manifest))
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """``hivemind.Optimizer`` that reports the outcome and duration of each gradient averaging round.
+
+    ``on_round(outcome, group_size, seconds)`` is called with outcome ``success``, ``failed`` (the round timed out or
+    broke and this peer stepped with its local gradients) or ``solo`` (no other peer was there to average with).
+    Pinned to hivemind 1.1.x, whose private ``_average_gradients_and_load_into_optimizer`` this wraps.
+    """
+
+    def __init__(
+        self,
+        *args,
+        on_round: Callable[[str, int, float], None] | None = None,
+        on_state_loaded: Callable[[float], None] | None = None,
+        **kwargs,
+    ):
+        self._on_round = on_round or (lambda outcome, size, seconds: None)
+        self._on_state_loaded = on_state_loaded or (lambda seconds: None)
+        super().__init__(*args, **kwargs)
+
+    def load_state_from_peers(self, **kwargs):
+        started = time.perf_counter()
+        super().load_state_from_peers(**kwargs)
+        self._on_state_loaded(time.perf_counter() - started)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        started = time.perf_counter()
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        seconds = time.perf_counter() - started
+        if maybe_step_control is None:
+            self._on_round("solo", 1, seconds)
+        elif maybe_step_control.done() and maybe_step_control.exception() is None:
+            self._on_round("success", len(maybe_step_control.result()), seconds)
+        else:
+            self._on_round("failed", 1, seconds)
+            logger.warning(
+                "gradient averaging round failed; stepped with local gradients. If this repeats, raise "
+                "--matchmaking-time (peers could not find a group) or --averaging-timeout (slow links)"
+            )
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        began = super()._begin_averaging_gradients(grad_scaler)
+        if not began:  # hivemind then steps with local gradients and never calls the method above
+            alone = self.tracker.global_progress.num_peers <= 1
+            self._on_round("solo" if alone else "failed", 1, 0.0)
+        return began
+
+
+def make_optimizer(
+    model: torch.nn.Module,
+    manifest: RunManifest,
+    dht: hivemind.DHT,
+    *,
+    batch_size: int,
+    matchmaking_time: float,
+    averaging_timeout: float,
+    on_round: Callable[[str, int, float], None] | None = None,
+    on_state_loaded: Callable[[float], None] | None = None,
+) -> SwarmOptimizer:
+    """Wrap the model's parameters in the swarm optimizer; every peer of the run uses exactly this construction."""
+    return SwarmOptimizer(
+        dht=dht,
+        run_id=manifest.run_id,
+        target_batch_size=manifest.target_batch_size,
+        batch_size_per_step=batch_size,
+        params=param_groups(model, manifest.weight_decay),
+        optimizer=optimizer_factory(manifest),
+        scheduler=scheduler_factory(manifest),
+        matchmaking_time=matchmaking_time,
+        averaging_timeout=averaging_timeout,
+        load_state_timeout=max(60.0, 4 * averaging_timeout),
+        client_mode=dht.client_mode,
+        # Parameters and Adam moments are averaged every few epochs to bound drift after failed rounds.
+        average_state_every=5,
+        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=3.0, default_refresh_period=1.0),
+        verbose=False,
+        on_round=on_round,
+        on_state_loaded=on_state_loaded,
+    )
+
+
+def is_finite_gradient(model: torch.nn.Module) -> bool:
+    """True when every local gradient is finite; a non-finite batch is dropped before it can reach the swarm."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    total = torch.stack([g.detach().float().abs().sum() for g in grads]).sum()
+    return bool(math.isfinite(total.item()))

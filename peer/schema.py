@@ -1,0 +1,64 @@
+"""The wire schema: every DHT record bertswarm writes, declared once (the coordinator imports it from here).
+
+Keys (``{run}`` is the run id):
+
+- ``bertswarm_runs``: subkey = run id, value = manifest fingerprint. Lets a joiner find the run without ``--run-id``.
+- ``{run}_manifest``: the run manifest as canonical JSON (see ``manifest.py``).
+- ``{run}_metrics``: subkey = a peer's RSA public key (signed), value = ``PeerMetrics``; only its owner can write it.
+
+hivemind itself owns ``{run}_progress``, ``{run}_grad_averager*`` and ``{run}_state_averager*``.
+Numeric fields are strict and bounded so that a lying peer cannot push absurd values through the DHT.
+"""
+
+from __future__ import annotations
+
+import pydantic.v1 as pydantic
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils.crypto import RSAPrivateKey
+
+RUNS_KEY = "bertswarm_runs"
+MAX_MANIFEST_BYTES = 16_384
+MAX_SAMPLES_PER_SECOND = 1e6
+MAX_LOSS = 1e4
+
+
+def manifest_key(run_id: str) -> str:
+    return f"{run_id}_manifest"
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_metrics"
+
+
+class PeerMetrics(pydantic.BaseModel):
+    """What each peer says about itself, refreshed every report interval."""
+
+    epoch: pydantic.conint(ge=0, le=10**9, strict=True)
+    samples_per_second: pydantic.confloat(ge=0.0, le=MAX_SAMPLES_PER_SECOND, strict=True)
+    samples_total: pydantic.conint(ge=0, le=10**15, strict=True)
+    loss: pydantic.confloat(ge=0.0, le=MAX_LOSS, strict=True)
+    mini_steps: pydantic.conint(ge=0, le=10**9, strict=True)
+    time: pydantic.StrictFloat
+    client_mode: pydantic.StrictBool
+
+
+class RunRecords(pydantic.BaseModel):
+    """Schema of the per-run keys; ``SchemaValidator(prefix=run_id)`` maps field ``x`` to key ``{run}_x``."""
+
+    manifest: pydantic.constr(strict=True, max_length=MAX_MANIFEST_BYTES)
+    metrics: dict[BytesWithPublicKey, PeerMetrics]
+
+
+class RunsRegistry(pydantic.BaseModel):
+    bertswarm_runs: dict[pydantic.constr(strict=True, max_length=64), pydantic.constr(strict=True, max_length=64)]
+
+
+def registry_validators() -> list:
+    return [SchemaValidator(RunsRegistry, allow_extra_keys=True)]
+
+
+def run_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> tuple[list, bytes]:
+    """Validators for one run's keys, and the signed subkey under which this process writes its metrics."""
+    signature = RSASignatureValidator(private_key)
+    return [SchemaValidator(RunRecords, allow_extra_keys=True, prefix=run_id), signature], signature.local_public_key

@@ -1,0 +1,89 @@
+"""Start this peer's DHT node: addresses validated up front, identity file, client mode, clear errors.
+
+Every address is parsed *before* p2pd starts, so a typo is answered in milliseconds. Failures of the p2p daemon that
+are the user's to fix (unreachable bootstrap peer, address in use, identity in use) become one-line ``UserError``s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import hivemind
+from hivemind.p2p import P2PDaemonError
+from hivemind.utils.multiaddr import Multiaddr
+
+from peer.config import DEFAULT_LISTEN, PeerConfig
+from peer.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+JOIN_HINT = "copy the exact address from a live peer's 'bertswarm-peer --join ...' line"
+
+
+def parse_maddr(text: str, flag: str, *, need_peer_id: bool) -> Multiaddr:
+    """Parse one multiaddr; raise ``UserError`` naming the flag and the expected shape."""
+    shape = "/ip4/<ip>/tcp/<port>/p2p/<peer-id>" if need_peer_id else "/ip4/<ip>/tcp/<port>"
+    try:
+        maddr = Multiaddr(text)
+    except Exception as e:  # the multiaddr library raises several unrelated types
+        raise UserError(f"{flag} {text!r} is not a valid multiaddr ({e}); expected {shape}") from None
+    protocols = [p.name for p in maddr.protocols()]
+    if not {"tcp", "udp"} & set(protocols):
+        raise UserError(f"{flag} {text!r} names no tcp/udp port; expected {shape}")
+    if need_peer_id and "p2p" not in protocols:
+        raise UserError(f"{flag} {text!r} lacks the /p2p/<peer-id> part; {JOIN_HINT}")
+    return maddr
+
+
+def validate_addresses(cfg: PeerConfig) -> None:
+    for text in cfg.join:
+        parse_maddr(text, "--join", need_peer_id=True)
+    for text in cfg.listen:
+        parse_maddr(text, "--listen", need_peer_id=False)
+    for text in cfg.announce:
+        maddr = parse_maddr(text, "--announce", need_peer_id=False)
+        if any(p.name in ("tcp", "udp") and maddr.value_for_protocol(p.code) == "0" for p in maddr.protocols()):
+            raise UserError(f"--announce {text!r}: port 0 cannot be dialled; announce the real port you listen on")
+
+
+def start_dht(cfg: PeerConfig, record_validators: Sequence = ()) -> hivemind.DHT:
+    """Start the DHT node (and its p2pd). Addresses must have passed ``validate_addresses``."""
+    identity = cfg.identity_path
+    identity.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return hivemind.DHT(
+            initial_peers=list(cfg.join) or None,
+            host_maddrs=list(cfg.listen) or [DEFAULT_LISTEN],
+            announce_maddrs=list(cfg.announce) or None,
+            client_mode=cfg.client_mode,
+            identity_path=str(identity),
+            startup_timeout=cfg.startup_timeout,
+            record_validators=list(record_validators),
+            start=True,
+        )
+    except P2PDaemonError as e:
+        raise UserError(_explain_daemon_error(str(e), cfg, identity)) from None
+
+
+def _explain_daemon_error(message: str, cfg: PeerConfig, identity: Path) -> str:
+    text = message.lower()
+    if "bootstrap" in text:
+        return f"could not reach any peer at {', '.join(cfg.join)}; check that it is running and reachable, {JOIN_HINT}"
+    if "address already in use" in text:
+        return f"a --listen address is already in use ({', '.join(cfg.listen)}); pick another port or port 0"
+    if "already taken" in text:
+        return f"identity {identity} is in use by another live peer; give this peer its own --state-dir or --identity"
+    if "failed to start in" in text:
+        return f"the p2p daemon did not start within {cfg.startup_timeout:.0f} s; raise --startup-timeout"
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return f"the p2p daemon failed to start ({first_line}); check --listen/--announce/--join"
+
+
+def join_addresses(dht: hivemind.DHT) -> list[str]:
+    """Addresses others can pass to ``--join``, most useful first (non-loopback before loopback)."""
+    addrs = [str(a) for a in dht.get_visible_maddrs()]
+    peer_suffix = f"/p2p/{dht.peer_id}"
+    addrs = [a if "/p2p/" in a else a + peer_suffix for a in addrs]
+    return sorted(set(addrs), key=lambda a: ("/ip4/127." in a or "/ip6/::1/" in a, "/ip6/" in a, a))

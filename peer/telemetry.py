@@ -1,0 +1,125 @@
+"""Metric names (defined once), the peer's Prometheus exporter, and its signed metrics record in the DHT.
+
+Prometheus conventions: prefix ``bertswarm_``, base units, counters end in ``_total``, labels of bounded cardinality.
+Dashboards, alert rules and the coordinator take their names from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import hivemind
+from hivemind.utils import get_dht_time
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from peer import schema
+from peer.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PEER_EPOCH = "bertswarm_peer_epoch"
+PEER_LOSS = "bertswarm_peer_loss"
+PEER_SAMPLES_PER_SECOND = "bertswarm_peer_samples_per_second"
+PEER_SAMPLES = "bertswarm_peer_samples"  # counter: exposed as bertswarm_peer_samples_total
+PEER_AVERAGING_ROUNDS = "bertswarm_peer_averaging_rounds"  # counter with label outcome
+PEER_ROUND_DURATION = "bertswarm_peer_averaging_round_duration_seconds"
+PEER_GROUP_SIZE = "bertswarm_peer_averaging_group_size"
+PEER_SWARM_SIZE = "bertswarm_peer_swarm_size"
+PEER_SKIPPED_BATCHES = "bertswarm_peer_skipped_batches"  # counter with label reason
+PEER_STATE_DOWNLOADS = "bertswarm_peer_state_downloads"  # counter
+PEER_STATE_DOWNLOAD_SECONDS = "bertswarm_peer_state_download_seconds"
+PEER_LEARNING_RATE = "bertswarm_peer_learning_rate"
+
+ROUND_OUTCOMES = ("success", "failed", "solo")
+SKIP_REASONS = ("nonfinite",)
+METRICS_TTL = 60.0  # seconds a peer's DHT metrics record lives without refresh
+
+
+class PeerTelemetry:
+    """All of one peer's Prometheus metrics, in their own registry (tests run several peers in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.epoch = Gauge(PEER_EPOCH, "Global optimizer step (epoch) this peer holds", registry=r)
+        self.loss = Gauge(PEER_LOSS, "Mean MLM loss of this peer's recent local batches", registry=r)
+        self.samples_per_second = Gauge(PEER_SAMPLES_PER_SECOND, "This peer's recent training throughput", registry=r)
+        self.samples = Counter(PEER_SAMPLES, "Samples this peer has processed and contributed", registry=r)
+        self.rounds = Counter(PEER_AVERAGING_ROUNDS, "Gradient averaging rounds by outcome", ["outcome"], registry=r)
+        self.round_duration = Histogram(
+            PEER_ROUND_DURATION,
+            "Time from the end of local accumulation to averaged gradients",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+            registry=r,
+        )
+        self.group_size = Gauge(PEER_GROUP_SIZE, "Peers in this peer's last averaging group", registry=r)
+        self.swarm_size = Gauge(PEER_SWARM_SIZE, "Training peers visible in the swarm's progress records", registry=r)
+        self.skipped = Counter(PEER_SKIPPED_BATCHES, "Local batches dropped before sending", ["reason"], registry=r)
+        self.state_downloads = Counter(PEER_STATE_DOWNLOADS, "Times this peer loaded state from peers", registry=r)
+        self.state_download_seconds = Gauge(
+            PEER_STATE_DOWNLOAD_SECONDS, "Duration of the last state download from peers", registry=r
+        )
+        self.learning_rate = Gauge(PEER_LEARNING_RATE, "Current learning rate", registry=r)
+        for outcome in ROUND_OUTCOMES:
+            self.rounds.labels(outcome)
+        for reason in SKIP_REASONS:
+            self.skipped.labels(reason)
+        self._server = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics endpoint; returns the bound port (useful with port 0)."""
+        try:
+            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise UserError(
+                f"--metrics-port {port} on {host} is unavailable ({e.strerror}); pick a free port or 0"
+            ) from None
+        return self._server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class MetricsPublisher:
+    """Writes this peer's signed ``PeerMetrics`` record under ``{run}_metrics`` (fire-and-forget)."""
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, subkey: bytes, client_mode: bool):
+        self.dht, self.key, self.subkey, self.client_mode = dht, schema.metrics_key(run_id), subkey, client_mode
+
+    def publish(self, *, epoch: int, samples_per_second: float, samples_total: int, loss: float, mini_steps: int):
+        loss = float(loss) if math.isfinite(loss) else schema.MAX_LOSS
+        record = schema.PeerMetrics(
+            epoch=int(epoch),
+            samples_per_second=float(min(max(samples_per_second, 0.0), schema.MAX_SAMPLES_PER_SECOND)),
+            samples_total=int(samples_total),
+            loss=min(max(loss, 0.0), schema.MAX_LOSS),
+            mini_steps=int(mini_steps),
+            time=float(time.time()),
+            client_mode=bool(self.client_mode),
+        )
+        self.dht.store(
+            self.key,
+            record.dict(),
+            expiration_time=get_dht_time() + METRICS_TTL,
+            subkey=self.subkey,
+            return_future=True,
+        )
+
+
+def read_swarm_metrics(dht: hivemind.DHT, run_id: str) -> dict[bytes, schema.PeerMetrics]:
+    """All live peers' metrics records (invalid ones are dropped by the DHT's validators and again here)."""
+    found = dht.get(schema.metrics_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    records = {}
+    for subkey, entry in found.value.items():
+        try:
+            records[subkey] = schema.PeerMetrics.parse_obj(entry.value)
+        except Exception as e:  # a malformed record from a buggy or hostile peer is ignored, not fatal
+            logger.debug("ignoring malformed metrics record: %s", e)
+    return records

@@ -1,0 +1,321 @@
+"""The training peer, read as steps: prepare, join, load state, then step / report / save until told to stop.
+
+``run(cfg, explicit)`` is the whole life of a peer. Everything the user can get wrong (addresses, data, state dir,
+metrics port) is checked *before* the p2p daemon starts, so mistakes are answered in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import hivemind
+import torch
+
+from peer import corpus, manifest, schema, swarm
+from peer.batches import BatchStream
+from peer.config import PeerConfig
+from peer.errors import UserError
+from peer.model import PRESETS, build_model, count_parameters
+from peer.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
+from peer.progress import Snapshot, StatusDisplay, Window
+from peer.state import StateDir
+from peer.telemetry import MetricsPublisher, PeerTelemetry
+from peer.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_DEADLINE = 10.0  # seconds from SIGINT/SIGTERM to exit
+REPUBLISH_EVERY = manifest.RECORD_TTL / 3
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set an event the loop checks between steps; a second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        logger.info("received %s: finishing the current step, saving state and leaving", signal.Signals(signum).name)
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+@dataclass
+class Prepared:
+    """What a peer checks and loads before touching the network."""
+
+    state_dir: StateDir
+    tokenizer: object
+    documents: list[str]
+    telemetry: PeerTelemetry
+    metrics_port: int | None
+
+
+def prepare(cfg: PeerConfig) -> Prepared:
+    swarm.validate_addresses(cfg)
+    state_dir = StateDir(cfg.state_path)
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
+    documents = corpus.load_documents(cfg.data) if cfg.data else corpus.default_corpus()
+    train_documents, _heldout = corpus.split_heldout(documents)
+    telemetry = PeerTelemetry()
+    port = telemetry.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port is not None else None
+    return Prepared(state_dir, tokenizer, train_documents, telemetry, port)
+
+
+class Trainer:
+    def __init__(self, cfg: PeerConfig, prepared: Prepared, dht: hivemind.DHT, run: manifest.RunManifest):
+        self.cfg, self.dht, self.run = cfg, dht, run
+        self.state_dir, self.telemetry = prepared.state_dir, prepared.telemetry
+        self.device = _pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.batch_size = cfg.batch_size or PRESETS[run.preset].batch_size
+        self.batch_size = min(self.batch_size, run.target_batch_size)
+        self.seed = cfg.seed if cfg.seed is not None else _seed_from_peer_id(dht.peer_id)
+        self.samples_total = 0
+        self.mini_steps = 0
+
+        self.model = build_model(run.model, nsp=run.nsp, seed=run.init_seed)
+        saved = self.state_dir.load(run.fingerprint)
+        if saved is not None:
+            _load_model_tensors(self.model, saved.model)
+            self.samples_total = saved.samples
+        self.model.to(self.device).train()
+        logger.info(
+            "model: %s preset, %.2fM parameters on %s", run.preset, count_parameters(self.model) / 1e6, self.device
+        )
+
+        self.opt: SwarmOptimizer = make_optimizer(
+            self.model,
+            run,
+            dht,
+            batch_size=self.batch_size,
+            matchmaking_time=cfg.matchmaking_time,
+            averaging_timeout=cfg.averaging_timeout,
+            on_round=self._on_round,
+            on_state_loaded=self._on_state_loaded,
+        )
+        if saved is not None:
+            state = {
+                "state": dict(saved.optimizer, local_epoch=saved.epoch),
+                "param_groups": self.opt.state_dict()["param_groups"],
+            }
+            self.opt.load_state_dict(state)
+            self.opt.state_averager._update_scheduler()  # LR to the resumed epoch (hivemind does this lazily)
+            logger.info("resumed local state at step %d from %s", saved.epoch, self.state_dir.state_file)
+
+        self.batches = BatchStream(
+            prepared.documents,
+            prepared.tokenizer,
+            seq_len=run.seq_len,
+            batch_size=self.batch_size,
+            mlm_probability=run.mlm_probability,
+            nsp=run.nsp,
+            seed=self.seed,
+        )
+        _, subkey = schema.run_validators(run.run_id)
+        self.publisher = MetricsPublisher(dht, run.run_id, subkey, dht.client_mode)
+        self.autocast = _autocast(self.device)
+        self.window = Window()
+        self.display = StatusDisplay()
+        self.start_epoch = self.opt.local_epoch
+        self._last_report = self._last_save = self._last_publish = time.monotonic()
+
+    # --- the steps -------------------------------------------------------------------------------------------------
+
+    def sync_with_swarm(self, timeout: float) -> None:
+        """Before contributing, a peer behind the swarm downloads the current state from its peers."""
+        deadline = time.monotonic() + timeout
+        tracker = self.opt.tracker
+        while not tracker.fetched_global_progress_this_epoch.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if tracker.global_epoch > self.opt.local_epoch:
+            logger.info(
+                "swarm is at step %d, this peer at %d: loading state from peers",
+                tracker.global_epoch,
+                self.opt.local_epoch,
+            )
+            self.opt.load_state_from_peers()
+        self.start_epoch = self.opt.local_epoch
+        self.telemetry.epoch.set(self.opt.local_epoch)
+
+    def train(self, stop: StopSignal) -> None:
+        while not stop.is_set() and not self.finished:
+            self.step()
+            self.report()
+            self.checkpoint()
+        self.display.close()
+
+    @property
+    def finished(self) -> bool:
+        return self.cfg.max_steps is not None and self.opt.local_epoch - self.start_epoch >= self.cfg.max_steps
+
+    def step(self) -> None:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+        with self.autocast:
+            loss = self.model(**batch).loss
+        loss.backward()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value) or not is_finite_gradient(self.model):
+            # never send a non-finite gradient to the swarm: drop this batch, count it
+            self.telemetry.skipped.labels("nonfinite").inc()
+            logger.warning("dropped a batch with non-finite loss or gradients (loss=%s)", loss_value)
+            self.opt.zero_grad()
+            return
+        self.opt.step()
+        self.opt.zero_grad()
+        samples = batch["input_ids"].shape[0]
+        self.samples_total += samples
+        self.mini_steps += 1
+        self.window.add(loss_value, samples)
+        self.telemetry.samples.inc(samples)
+        self.telemetry.epoch.set(self.opt.local_epoch)
+
+    def report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_report < self.cfg.log_every:
+            return
+        self._last_report = now
+        progress = self.opt.tracker.global_progress
+        snapshot = Snapshot(
+            epoch=self.opt.local_epoch,
+            samples_accumulated=progress.samples_accumulated,
+            target_batch_size=self.run.target_batch_size,
+            peers=progress.num_peers,
+            eta_seconds=max(0.0, progress.eta_next_epoch - hivemind.get_dht_time()),
+            loss=self.window.mean_loss,
+            samples_per_second=self.window.samples_per_second,
+            samples_total=self.samples_total,
+            learning_rate=self.opt.opt.param_groups[0]["lr"],
+        )
+        self.display.show(snapshot)
+        t = self.telemetry
+        t.swarm_size.set(progress.num_peers)
+        t.samples_per_second.set(snapshot.samples_per_second)
+        t.learning_rate.set(snapshot.learning_rate)
+        if math.isfinite(snapshot.loss):
+            t.loss.set(snapshot.loss)
+            self.publisher.publish(
+                epoch=snapshot.epoch,
+                samples_per_second=snapshot.samples_per_second,
+                samples_total=self.samples_total,
+                loss=snapshot.loss,
+                mini_steps=self.window.batches,
+            )
+        self.window.reset()
+        if now - self._last_publish > REPUBLISH_EVERY:
+            self._last_publish = now
+            manifest.publish(self.dht, self.run)
+
+    def checkpoint(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and (self.cfg.save_every == 0 or now - self._last_save < self.cfg.save_every):
+            return
+        self._last_save = now
+        started = time.perf_counter()
+        self.state_dir.save(
+            self.model,
+            self.opt.state_dict()["state"],
+            epoch=self.opt.local_epoch,
+            samples=self.samples_total,
+            fingerprint=self.run.fingerprint,
+        )
+        logger.info("saved local state at step %d in %.2fs", self.opt.local_epoch, time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.opt.shutdown()
+
+    # --- telemetry callbacks from the optimizer ---------------------------------------------------------------------
+
+    def _on_round(self, outcome: str, group_size: int, seconds: float) -> None:
+        self.telemetry.rounds.labels(outcome).inc()
+        if outcome == "success":
+            self.telemetry.group_size.set(group_size)
+            self.telemetry.round_duration.observe(seconds)
+
+    def _on_state_loaded(self, seconds: float) -> None:
+        self.telemetry.state_downloads.inc()
+        self.telemetry.state_download_seconds.set(seconds)
+        logger.info("loaded state from peers in %.2fs, now at step %d", seconds, self.opt.local_epoch)
+
+
+def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
+    """The life of a peer: prepare, join, load state, train, and always leave cleanly."""
+    stop = StopSignal().install()
+    prepared = prepare(cfg)
+    if prepared.metrics_port is not None:
+        logger.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host, prepared.metrics_port)
+    dht = swarm.start_dht(cfg, schema.registry_validators())
+    trainer = None
+    try:
+        tokenizer_fp = tokenizer_fingerprint(prepared.tokenizer)
+        run_manifest = manifest.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size())
+        validators, _ = schema.run_validators(run_manifest.run_id)
+        dht.add_validators(validators)
+        logger.info("run %s, manifest %s", run_manifest.run_id, run_manifest.fingerprint[:12])
+        addresses = swarm.join_addresses(dht)
+        print(f"bertswarm-peer --join {addresses[0]}", file=out, flush=True)
+        trainer = Trainer(cfg, prepared, dht, run_manifest)
+        trainer.sync_with_swarm(timeout=cfg.startup_timeout)
+        trainer.train(stop)
+    finally:
+        _shutdown(trainer, dht, prepared)
+
+
+def _shutdown(trainer: Trainer | None, dht: hivemind.DHT, prepared: Prepared) -> None:
+    started = time.perf_counter()
+    try:
+        if trainer is not None:
+            trainer.report(force=True)
+            trainer.checkpoint(force=True)
+            trainer.close()
+    finally:
+        dht.shutdown()
+        prepared.telemetry.close()
+        prepared.state_dir.close()
+        logger.info("left the swarm in %.1fs", time.perf_counter() - started)
+
+
+def _pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu or install CUDA torch")
+    return torch.device(choice)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on GPUs that support it (no loss scaling needed); full precision elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _seed_from_peer_id(peer_id) -> int:
+    return int.from_bytes(hashlib.sha256(peer_id.to_bytes()).digest()[:4], "little")
+
+
+def _load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    if unexpected or set(missing) - tied:
+        raise UserError(
+            f"local state does not fit this run's model (missing {sorted(set(missing) - tied)[:3]}, unexpected "
+            f"{unexpected[:3]}); move the state dir away to start fresh"
+        )

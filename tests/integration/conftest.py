@@ -1,0 +1,120 @@
+"""Harness for real multi-process swarms on 127.0.0.1: launch peers, read their metrics, always reap them."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peer.localswarm import LocalPeer
+
+# Small, fast swarm settings: a step every few seconds on 2 cores, warm-up off so the loss moves at once.
+FAST = [
+    "--preset", "tiny", "--threads", "1", "--batch-size", "8", "--target-batch-size", "48", "--seq-len", "64",
+    "--warmup-steps", "0", "--lr", "2e-3", "--matchmaking-time", "1", "--averaging-timeout", "15",
+    "--log-every", "1", "--save-every", "0", "--startup-timeout", "60",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """~300 kB of the embedded corpus as a .txt file: quick to tokenise in every peer process."""
+    from peer.corpus import default_corpus
+
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    docs, size = [], 0
+    for doc in default_corpus():
+        docs.append(doc)
+        size += len(doc)
+        if size > 300_000:
+            break
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+class Swarm:
+    """Peers launched by one test; ``close`` stops and reaps every one of them."""
+
+    def __init__(self, workdir: Path, corpus: Path):
+        self.workdir, self.corpus = workdir, corpus
+        self.peers: list[LocalPeer] = []
+        self.ports: dict[str, int] = {}
+
+    def start(self, name: str, *args: str, join: LocalPeer | None = None, fast: bool = True) -> LocalPeer:
+        port = free_port()
+        argv = [*(FAST if fast else []), "--data", str(self.corpus), "--metrics-port", str(port), *args]
+        if join is not None:
+            argv += ["--join", join.join_address]
+        peer = LocalPeer(name, self.workdir, argv)
+        self.peers.append(peer)
+        self.ports[name] = port
+        return peer
+
+    def metric(self, peer: LocalPeer, name: str, labels: str = "") -> float:
+        """Current value of one metric sample of ``peer`` (``labels`` like ``outcome="success"``)."""
+        text = peer.metrics(self.ports[peer.name])
+        pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+|NaN)"
+        match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
+        if match is None:
+            raise KeyError(f"{name}{{{labels}}} not in metrics of {peer.name}")
+        return float(match.group(1))
+
+    def wait_until(self, what: str, predicate, timeout: float, interval: float = 0.5):
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while time.monotonic() < deadline:
+            for peer in self.peers:
+                if peer.proc.poll() not in (None, 0) and peer.proc.poll() != -9:
+                    raise AssertionError(f"{peer.name} died with {peer.proc.poll()}:\n{peer.log_tail()}")
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except (OSError, KeyError) as e:  # metrics endpoint not up yet
+                last_error = e
+            time.sleep(interval)
+        logs = "\n".join(f"--- {p.name}\n{p.log_tail(15)}" for p in self.peers)
+        raise AssertionError(f"timed out waiting for {what} (last error: {last_error})\n{logs}")
+
+    def epoch(self, peer: LocalPeer) -> int:
+        return int(self.metric(peer, "bertswarm_peer_epoch"))
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.stop(timeout=15)
+
+
+@pytest.fixture
+def swarm(tmp_path, small_corpus):
+    s = Swarm(tmp_path, small_corpus)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def saved_state(peer: LocalPeer) -> tuple[dict[str, torch.Tensor], int]:
+    """(model tensors, epoch) from a peer's state dir after it left."""
+    from safetensors import safe_open
+
+    path = peer.state_dir / "state.safetensors"
+    with safe_open(path, framework="pt") as f:
+        epoch = int(f.metadata()["epoch"])
+    tensors = load_file(path)
+    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, epoch
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)

@@ -1,0 +1,98 @@
+"""A 2-peer swarm and one process applying the same optimizer to the same global batches end with equal weights.
+
+This proves the averaging is *right*, not merely running: each peer records which of its micro-batches entered
+which global step; the reference replays exactly those batches (mean gradient over the global batch), using the same
+optimizer, clipping and schedule as the product.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peer.model import build_model
+from peer.optim import optimizer_factory, param_groups, scheduler_factory
+
+from .equivalence_worker import MANIFEST, make_batch
+
+WORKER = Path(__file__).with_name("equivalence_worker.py")
+STEPS = 6  # crosses the parameter/state averaging done every 5 global steps
+TOLERANCE = 1e-5  # max |swarm - reference| over all weights; one optimizer step moves weights by ~lr = 3e-3
+
+
+def start_worker(index, out, join=None):
+    args = [sys.executable, str(WORKER), str(index), str(STEPS), str(out), *([join] if join else [])]
+    log = open(out / f"worker-{index}.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        start_new_session=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    proc.log = log
+    return proc
+
+
+def reference(contributions: dict[int, list[tuple[int, int]]]) -> dict[str, torch.Tensor]:
+    model = build_model(MANIFEST.model, nsp=False, seed=MANIFEST.init_seed)
+    opt = optimizer_factory(MANIFEST)(param_groups(model, MANIFEST.weight_decay))
+    sched = scheduler_factory(MANIFEST)(opt)
+    for epoch in range(STEPS):
+        batches = contributions[epoch]
+        grads = [torch.zeros_like(p) for p in model.parameters()]
+        for peer, k in batches:
+            model.zero_grad()
+            model(**make_batch(peer, k)).loss.backward()
+            for g, p in zip(grads, model.parameters()):
+                g += p.grad
+        for g, p in zip(grads, model.parameters()):
+            p.grad = g / len(batches)
+        opt.step()
+        sched.step()
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(240)
+def test_two_peer_swarm_matches_single_process(tmp_path):
+    first = start_worker(0, tmp_path)
+    procs = [first]
+    try:
+        line = first.stdout.readline().decode()
+        assert line.startswith("ADDRESS "), line
+        procs.append(start_worker(1, tmp_path, join=line.split()[1]))
+        for proc in procs:
+            assert proc.wait(timeout=200) == 0, (tmp_path / "worker-0.log").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                __import__("os").killpg(proc.pid, 9)
+            proc.wait()
+            proc.log.close()
+
+    records = [json.loads((tmp_path / f"record-{i}.json").read_text()) for i in range(2)]
+    for record in records:
+        assert all(outcome == "success" and size == 2 for outcome, size in record["rounds"]), record["rounds"]
+    contributions = {
+        epoch: [(peer, k) for peer in range(2) for k in records[peer]["contributions"].get(str(epoch), [])]
+        for epoch in range(STEPS)
+    }
+    for epoch, batches in contributions.items():
+        peers = {peer for peer, _ in batches}
+        assert peers == {0, 1}, f"step {epoch} was not averaged across both peers: {batches}"
+        assert len(batches) * 4 >= MANIFEST.target_batch_size
+
+    expected = reference(contributions)
+    initial = {n: p.detach() for n, p in build_model(MANIFEST.model, nsp=False, seed=0).named_parameters()}
+    for i in range(2):
+        swarm = load_file(str(tmp_path / f"params-{i}.safetensors"))
+        diff = max((swarm[n] - expected[n]).abs().max().item() for n in expected)
+        moved = max((swarm[n] - initial[n]).abs().max().item() for n in expected)
+        print(f"peer {i}: max |swarm - reference| = {diff:.2e}, max |swarm - initial| = {moved:.2e}")
+        assert moved > 100 * TOLERANCE  # the weights really trained
+        assert diff <= TOLERANCE

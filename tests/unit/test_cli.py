@@ -1,0 +1,74 @@
+"""Flags, environment variables and validation: one source of truth, clear one-line errors."""
+
+import pytest
+
+from peer.cli import build_parser, main, parse_config
+from peer.config import PeerConfig, field_names
+from peer.errors import UserError
+
+
+def test_defaults_need_no_arguments():
+    cfg, explicit = parse_config([], environ={})
+    assert cfg == PeerConfig().validate()
+    assert explicit == set()
+
+
+def test_every_config_field_has_a_flag_and_help():
+    help_text = build_parser().format_help()
+    for name in field_names():
+        assert "--" + name.replace("_", "-") in help_text
+        assert "BERTSWARM_" + name.upper() in help_text
+
+
+def test_flags_env_and_precedence():
+    env = {
+        "BERTSWARM_BATCH_SIZE": "4",
+        "BERTSWARM_JOIN": "/a /b",
+        "BERTSWARM_CLIENT_MODE": "yes",
+        "BERTSWARM_LR": "1e-3",
+    }
+    cfg, explicit = parse_config(["--batch-size", "8", "--preset", "mini"], environ=env)
+    assert cfg.batch_size == 8  # the flag wins over the variable
+    assert cfg.join == ["/a", "/b"] and cfg.client_mode is True and cfg.lr == 1e-3 and cfg.preset == "mini"
+    assert explicit == {"batch_size", "join", "client_mode", "lr", "preset"}
+
+
+def test_repeatable_join():
+    cfg, _ = parse_config(["--join", "/x", "--join", "/y"], environ={})
+    assert cfg.join == ["/x", "/y"]
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--preset", "huge"], "--preset 'huge': unknown; choose one of tiny, mini, base, large"),
+        (["--device", "tpu"], "--device"),
+        (["--batch-size", "0"], "--batch-size 0: must be a positive integer"),
+        (["--batch-size", "abc"], "invalid int value"),
+        (["--seq-len", "4"], "--seq-len 4"),
+        (["--mlm-probability", "1.5"], "--mlm-probability"),
+        (["--warmup-steps", "100", "--total-steps", "50"], "--warmup-steps 100"),
+        (["--metrics-port", "70000"], "--metrics-port 70000"),
+        (["--run-id", "has space"], "--run-id"),
+        (["--client-mode", "--announce", "/ip4/1.2.3.4/tcp/1"], "--client-mode"),
+        (["--batch-size", "64", "--target-batch-size", "32"], "exceeds --target-batch-size"),
+        (["--no-such-flag"], "unrecognized arguments"),
+    ],
+)
+def test_bad_flags_are_user_errors(argv, fragment):
+    with pytest.raises(UserError) as info:
+        parse_config(argv, environ={})
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(UserError, match="BERTSWARM_BATCH_SIZE='many'"):
+        parse_config([], environ={"BERTSWARM_BATCH_SIZE": "many"})
+
+
+def test_main_prints_one_line_and_exits_2(capsys):
+    assert main(["--preset", "huge"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bertswarm-peer: error: --preset 'huge'")
+    assert "Traceback" not in err

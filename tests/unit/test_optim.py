@@ -1,0 +1,67 @@
+"""Optimizer pieces: schedule keyed to the global epoch, clipping of the applied gradient, no hidden step at init."""
+
+import math
+
+import pytest
+import torch
+
+from peer.config import PeerConfig
+from peer.manifest import from_config
+from peer.optim import Lamb, is_finite_gradient, lr_lambda, optimizer_factory, param_groups
+
+
+def manifest(**kw):
+    return from_config(PeerConfig(**kw).validate(), "run", "a" * 64, 100)
+
+
+def test_warmup_then_linear_decay():
+    f = lr_lambda(manifest(warmup_steps=10, total_steps=110))
+    assert f(0) == pytest.approx(1 / 11)
+    assert f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5)
+    assert f(110) == 0.0 and f(500) == 0.0
+    assert all(f(s) >= f(s + 1) for s in range(10, 200))
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb"])
+def test_optimizer_starts_with_state_but_unchanged_parameters(name):
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = optimizer_factory(manifest(optimizer=name, weight_decay=0.1))(param_groups(model, 0.1))
+    assert all(len(opt.state[p]) == 3 for p in model.parameters())  # hivemind needs state tensors to share
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_clipping_limits_the_global_norm_of_the_applied_gradient():
+    model = torch.nn.Linear(4, 1, bias=False)
+    opt = optimizer_factory(manifest(max_grad_norm=0.5))(param_groups(model, 0.0))
+    model.weight.grad = torch.full_like(model.weight, 10.0)
+    opt.step()
+    assert model.weight.grad.norm().item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_lamb_decreases_a_quadratic():
+    w = torch.nn.Parameter(torch.tensor([3.0, -2.0]))
+    opt = Lamb([w], lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    assert w.norm().item() < 0.5
+
+
+def test_no_decay_on_bias_and_layernorm():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    decay, no_decay = param_groups(model, 0.01)
+    assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_non_finite_gradient_is_detected():
+    model = torch.nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    assert is_finite_gradient(model)
+    model.weight.grad[0, 0] = math.nan
+    assert not is_finite_gradient(model)
+    model.weight.grad[0, 0] = math.inf
+    assert not is_finite_gradient(model)
