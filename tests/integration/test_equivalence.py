@@ -48,9 +48,9 @@ def reference(contributions: dict[int, list[tuple[int, int]]]) -> dict[str, torc
         for peer, k in batches:
             model.zero_grad()
             model(**make_batch(peer, k)).loss.backward()
-            for g, p in zip(grads, model.parameters()):
+            for g, p in zip(grads, model.parameters(), strict=True):
                 g += p.grad
-        for g, p in zip(grads, model.parameters()):
+        for g, p in zip(grads, model.parameters(), strict=True):
             p.grad = g / len(batches)
         opt.step()
         sched.step()

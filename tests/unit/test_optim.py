@@ -30,7 +30,7 @@ def test_optimizer_starts_with_state_but_unchanged_parameters(name):
     before = [p.detach().clone() for p in model.parameters()]
     opt = optimizer_factory(manifest(optimizer=name, weight_decay=0.1))(param_groups(model, 0.1))
     assert all(len(opt.state[p]) == 3 for p in model.parameters())  # hivemind needs state tensors to share
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_clipping_limits_the_global_norm_of_the_applied_gradient():

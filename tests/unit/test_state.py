@@ -23,7 +23,7 @@ def test_save_and_load_round_trip(tmp_path):
     fresh = build_model(MODEL, nsp=False, seed=2)
     missing, unexpected = fresh.load_state_dict(loaded.model, strict=False)
     assert not unexpected and set(missing) <= {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True))
     assert sd.load("0" * 64) is None  # state of another run is not loaded
     assert [p.name for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")] == []
     sd.close()
