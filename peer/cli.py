@@ -14,6 +14,7 @@ import os
 import sys
 import types
 import typing
+import warnings
 
 from peer import __version__
 from peer.config import PeerConfig
@@ -123,9 +124,15 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    # hivemind's own INFO lines are internals; its warnings and errors still show
-    for name in ("hivemind", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # hivemind's INFO lines are internals (its warnings and errors still show). Its handler reads this variable at
+    # import time, in this process and in the processes it forks.
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+    # hivemind's background event loops leave pending tasks behind at shutdown; asyncio reports each one as an ERROR
+    # with a traceback, which reads like a crash to volunteers. bertswarm's own code logs its failures itself.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # hivemind advances the LR scheduler to the swarm's step after loading state, before any local optimizer step
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
 
 def main(argv: list[str] | None = None) -> int:

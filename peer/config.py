@@ -138,7 +138,7 @@ class PeerConfig:
     )
     metrics_host: str = _opt("address of the metrics endpoint", default="127.0.0.1", group="peer")
     max_steps: int | None = _opt(
-        "leave cleanly after this many global optimizer steps of this peer", default=None, metavar="N", group="peer"
+        "leave cleanly once the swarm's global optimizer step reaches N", default=None, metavar="N", group="peer"
     )
     save_every: float = _opt(
         "seconds between saves of local training state (0 = only at exit)",

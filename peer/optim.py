@@ -16,9 +16,11 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import hivemind
 import torch
+from hivemind.optim.grad_averager import GradientAverager
 
 from peer.manifest import RunManifest
 
@@ -153,9 +155,20 @@ class SwarmOptimizer(hivemind.Optimizer):
         super().__init__(*args, **kwargs)
 
     def load_state_from_peers(self, **kwargs):
-        started = time.perf_counter()
+        started, epoch_before = time.perf_counter(), self.local_epoch
         super().load_state_from_peers(**kwargs)
-        self._on_state_loaded(time.perf_counter() - started)
+        if self.local_epoch > epoch_before or self.local_epoch >= self.tracker.global_epoch - 1:
+            self._failed_state_loads = 0
+            self._on_state_loaded(time.perf_counter() - started)
+            return
+        # No peer sent its state: the peers that made the swarm's progress records may have left. hivemind retries on
+        # every step; back off instead of spinning until their records expire.
+        self._failed_state_loads = getattr(self, "_failed_state_loads", 0) + 1
+        delay = min(10.0, 0.5 * 2 ** min(self._failed_state_loads, 5))
+        logger.warning(
+            "no peer could send the swarm's state (step %d); retrying in %.0fs", self.tracker.global_epoch, delay
+        )
+        time.sleep(delay)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         started = time.perf_counter()
@@ -192,6 +205,8 @@ def make_optimizer(
     on_state_loaded: Callable[[float], None] | None = None,
 ) -> SwarmOptimizer:
     """Wrap the model's parameters in the swarm optimizer; every peer of the run uses exactly this construction."""
+    # hivemind warns (and can deadlock in rare cases) unless a leader's reply timeout is below the matchmaking time
+    request_timeout = max(0.2, min(3.0, matchmaking_time / 2))
     return SwarmOptimizer(
         dht=dht,
         run_id=manifest.run_id,
@@ -206,7 +221,12 @@ def make_optimizer(
         client_mode=dht.client_mode,
         # Parameters and Adam moments are averaged every few epochs to bound drift after failed rounds.
         average_state_every=5,
-        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=3.0, default_refresh_period=1.0),
+        averager_opts=dict(request_timeout=request_timeout),
+        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
+        # progress records of peers that vanished expire after 20 s (hivemind's default 60 s stalls joiners longer)
+        tracker_opts=dict(
+            min_refresh_period=0.5, max_refresh_period=3.0, default_refresh_period=1.0, metadata_expiration=20.0
+        ),
         verbose=False,
         on_round=on_round,
         on_state_loaded=on_state_loaded,

@@ -27,7 +27,7 @@ class Snapshot:
     learning_rate: float
 
     def line(self) -> str:
-        eta = f"{self.eta_seconds:.0f}s" if math.isfinite(self.eta_seconds) else "?"
+        eta = f"{self.eta_seconds:.0f}s" if self.eta_seconds < 86_400 else "?"  # hivemind says ~1e21 s when unsure
         loss = f"{self.loss:.3f}" if math.isfinite(self.loss) else "n/a"
         return (
             f"step {self.epoch} | {self.samples_accumulated}/{self.target_batch_size} samples, next step in {eta} | "
@@ -82,3 +82,4 @@ class StatusDisplay:
         if self.live and self._width:
             self.stream.write("\n")
             self.stream.flush()
+            self._width = 0

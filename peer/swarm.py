@@ -81,6 +81,33 @@ def _explain_daemon_error(message: str, cfg: PeerConfig, identity: Path) -> str:
     return f"the p2p daemon failed to start ({first_line}); check --listen/--announce/--join"
 
 
+def stop_dht(dht: hivemind.DHT, timeout: float = 5.0) -> None:
+    """Stop the DHT process (and its p2pd) within ``timeout`` seconds.
+
+    Unlike ``DHT.shutdown``, this keeps the command pipe open until the process has exited: closing it first races
+    with the node's shutdown and prints an ``EOFError`` traceback from the DHT process on every normal exit.
+    """
+    if not dht.is_alive():
+        return
+    try:
+        # barrier: the DHT process has received every earlier request (fire-and-forget stores included) before we
+        # stop it; a request still in the pipe at exit fails in that process with ConnectionResetError
+        dht.run_coroutine(_noop, return_future=True).result(timeout)
+    except Exception as e:
+        logger.debug("DHT barrier before shutdown failed: %r", e)
+    dht._outer_pipe.send(("_shutdown", [], {}))
+    dht.join(timeout)
+    if dht.is_alive():
+        logger.warning("DHT did not stop within %.0fs; terminating it", timeout)
+        dht.terminate()
+        dht.join(timeout)
+    dht._outer_pipe.close()
+
+
+async def _noop(_dht, _node) -> None:
+    return None
+
+
 def join_addresses(dht: hivemind.DHT) -> list[str]:
     """Addresses others can pass to ``--join``, most useful first (non-loopback before loopback)."""
     addrs = [str(a) for a in dht.get_visible_maddrs()]

@@ -90,8 +90,13 @@ class MetricsPublisher:
 
     def __init__(self, dht: hivemind.DHT, run_id: str, subkey: bytes, client_mode: bool):
         self.dht, self.key, self.subkey, self.client_mode = dht, schema.metrics_key(run_id), subkey, client_mode
+        # hivemind frees a request's shared memory when its future is garbage-collected, so the future of a
+        # fire-and-forget store must live until the DHT process has picked the request up
+        self._pending = None
 
     def publish(self, *, epoch: int, samples_per_second: float, samples_total: int, loss: float, mini_steps: int):
+        if self._pending is not None and not self._pending.done():
+            return  # the previous record is still on its way: skip rather than queue up
         loss = float(loss) if math.isfinite(loss) else schema.MAX_LOSS
         record = schema.PeerMetrics(
             epoch=int(epoch),
@@ -102,13 +107,20 @@ class MetricsPublisher:
             time=float(time.time()),
             client_mode=bool(self.client_mode),
         )
-        self.dht.store(
+        self._pending = self.dht.store(
             self.key,
             record.dict(),
             expiration_time=get_dht_time() + METRICS_TTL,
             subkey=self.subkey,
             return_future=True,
         )
+
+    def close(self, timeout: float = 3.0) -> None:
+        if self._pending is not None:
+            try:
+                self._pending.result(timeout)
+            except Exception as e:  # the swarm may already be gone; nothing to save here
+                logger.debug("last metrics record not stored: %r", e)
 
 
 def read_swarm_metrics(dht: hivemind.DHT, run_id: str) -> dict[bytes, schema.PeerMetrics]:

@@ -6,17 +6,21 @@ metrics port) is checked *before* the p2p daemon starts, so mistakes are answere
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import math
+import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import hivemind
 import torch
+from hivemind.utils import get_dht_time
 
 from peer import corpus, manifest, schema, swarm
 from peer.batches import BatchStream
@@ -26,7 +30,7 @@ from peer.model import PRESETS, build_model, count_parameters
 from peer.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
 from peer.progress import Snapshot, StatusDisplay, Window
 from peer.state import StateDir
-from peer.telemetry import MetricsPublisher, PeerTelemetry
+from peer.telemetry import ROUND_OUTCOMES, MetricsPublisher, PeerTelemetry
 from peer.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.pid = os.getpid()
 
     def install(self) -> StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -47,6 +52,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            # hivemind's forked helper processes inherit this handler: let them die the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.event.is_set():
             raise KeyboardInterrupt
         logger.info("received %s: finishing the current step, saving state and leaving", signal.Signals(signum).name)
@@ -90,6 +100,7 @@ class Trainer:
         self.seed = cfg.seed if cfg.seed is not None else _seed_from_peer_id(dht.peer_id)
         self.samples_total = 0
         self.mini_steps = 0
+        self.rounds: collections.Counter[str] = collections.Counter()
 
         self.model = build_model(run.model, nsp=run.nsp, seed=run.init_seed)
         saved = self.state_dir.load(run.fingerprint)
@@ -160,11 +171,10 @@ class Trainer:
             self.step()
             self.report()
             self.checkpoint()
-        self.display.close()
 
     @property
     def finished(self) -> bool:
-        return self.cfg.max_steps is not None and self.opt.local_epoch - self.start_epoch >= self.cfg.max_steps
+        return self.cfg.max_steps is not None and self.opt.local_epoch >= self.cfg.max_steps
 
     def step(self) -> None:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
@@ -198,7 +208,7 @@ class Trainer:
             samples_accumulated=progress.samples_accumulated,
             target_batch_size=self.run.target_batch_size,
             peers=progress.num_peers,
-            eta_seconds=max(0.0, progress.eta_next_epoch - hivemind.get_dht_time()),
+            eta_seconds=max(0.0, progress.eta_next_epoch - get_dht_time()),
             loss=self.window.mean_loss,
             samples_per_second=self.window.samples_per_second,
             samples_total=self.samples_total,
@@ -239,11 +249,20 @@ class Trainer:
         logger.info("saved local state at step %d in %.2fs", self.opt.local_epoch, time.perf_counter() - started)
 
     def close(self) -> None:
+        logger.info(
+            "leaving at step %d after contributing %d samples this session (%d in total); averaging rounds: %s",
+            self.opt.local_epoch,
+            self.mini_steps * self.batch_size,
+            self.samples_total,
+            ", ".join(f"{outcome}={self.rounds[outcome]}" for outcome in ROUND_OUTCOMES),
+        )
+        self.publisher.close()
         self.opt.shutdown()
 
     # --- telemetry callbacks from the optimizer ---------------------------------------------------------------------
 
     def _on_round(self, outcome: str, group_size: int, seconds: float) -> None:
+        self.rounds[outcome] += 1
         self.telemetry.rounds.labels(outcome).inc()
         if outcome == "success":
             self.telemetry.group_size.set(group_size)
@@ -279,17 +298,16 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
 
 
 def _shutdown(trainer: Trainer | None, dht: hivemind.DHT, prepared: Prepared) -> None:
+    """Save, then stop hivemind's processes and threads; each step runs even if an earlier one failed."""
     started = time.perf_counter()
-    try:
-        if trainer is not None:
-            trainer.report(force=True)
-            trainer.checkpoint(force=True)
-            trainer.close()
-    finally:
-        dht.shutdown()
-        prepared.telemetry.close()
-        prepared.state_dir.close()
-        logger.info("left the swarm in %.1fs", time.perf_counter() - started)
+    steps = [] if trainer is None else [trainer.display.close, partial(trainer.checkpoint, force=True), trainer.close]
+    steps += [partial(swarm.stop_dht, dht), prepared.telemetry.close, prepared.state_dir.close]
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            logger.exception("error while leaving the swarm (continuing shutdown)")
+    logger.info("left the swarm in %.1fs", time.perf_counter() - started)
 
 
 def _pick_device(choice: str) -> torch.device:

@@ -15,8 +15,8 @@ from peer.localswarm import LocalPeer
 
 # Small, fast swarm settings: a step every few seconds on 2 cores, warm-up off so the loss moves at once.
 FAST = [
-    "--preset", "tiny", "--threads", "1", "--batch-size", "8", "--target-batch-size", "48", "--seq-len", "64",
-    "--warmup-steps", "0", "--lr", "2e-3", "--matchmaking-time", "1", "--averaging-timeout", "15",
+    "--preset", "tiny", "--threads", "1", "--batch-size", "8", "--target-batch-size", "192", "--seq-len", "64",
+    "--warmup-steps", "0", "--lr", "2e-3", "--matchmaking-time", "3", "--averaging-timeout", "15",
     "--log-every", "1", "--save-every", "0", "--startup-timeout", "60",
 ]  # fmt: skip
 
