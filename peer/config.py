@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peer import addresses
 from peer.errors import UserError
 
 PRESETS = ("tiny", "mini", "base", "large")
@@ -175,6 +176,7 @@ class PeerConfig:
             raise UserError(
                 f"--run-id {self.run_id!r}: use 1-64 letters, digits, '-' or '_' (it prefixes the swarm's DHT keys)"
             )
+        addresses.validate(self.join, self.listen, self.announce)
         if self.client_mode and self.announce:
             raise UserError("--client-mode accepts no inbound connections, so --announce makes no sense; drop one")
         if self.batch_size and self.target_batch_size and self.batch_size > self.target_batch_size:

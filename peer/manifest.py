@@ -31,8 +31,7 @@ RECORD_TTL = 600.0  # seconds a published manifest stays in the DHT without refr
 
 # manifest field -> the flag (PeerConfig field) that sets it; used to detect conflicts with explicit flags
 FLAG_OF_FIELD = {
-    "preset": "preset",
-    "model": "preset",
+    "preset": "preset",  # the preset also sets the model section, whose differences would only repeat this one
     "tokenizer_fingerprint": "tokenizer",
     "seq_len": "seq_len",
     "mlm_probability": "mlm_probability",

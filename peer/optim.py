@@ -20,6 +20,7 @@ from functools import partial
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage
 from hivemind.optim.grad_averager import GradientAverager
 
 from peer.manifest import RunManifest
@@ -153,6 +154,15 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._on_round = on_round or (lambda outcome, size, seconds: None)
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         super().__init__(*args, **kwargs)
+
+    def cancel_matchmaking(self) -> bool:
+        """Abandon averaging rounds still looking for a group, so a leaving peer is not held for the averaging
+        timeout; a round already exchanging tensors is left to finish (cancelling it would fail it for the group)."""
+        cancelled = False
+        for control in (self.scheduled_grads, self.scheduled_state):
+            if control is not None and not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP:
+                cancelled = control.cancel() or cancelled
+        return cancelled
 
     def load_state_from_peers(self, **kwargs):
         started, epoch_before = time.perf_counter(), self.local_epoch

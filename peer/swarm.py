@@ -1,7 +1,7 @@
-"""Start this peer's DHT node: addresses validated up front, identity file, client mode, clear errors.
+"""Start this peer's DHT node: identity file, listen/announce addresses, client mode, clear errors.
 
-Every address is parsed *before* p2pd starts, so a typo is answered in milliseconds. Failures of the p2p daemon that
-are the user's to fix (unreachable bootstrap peer, address in use, identity in use) become one-line ``UserError``s.
+Failures of the p2p daemon that are the user's to fix (unreachable bootstrap peer, address in use, identity in use)
+become one-line ``UserError``s.
 """
 
 from __future__ import annotations
@@ -12,44 +12,16 @@ from pathlib import Path
 
 import hivemind
 from hivemind.p2p import P2PDaemonError
-from hivemind.utils.multiaddr import Multiaddr
 
+from peer.addresses import JOIN_HINT
 from peer.config import DEFAULT_LISTEN, PeerConfig
 from peer.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-JOIN_HINT = "copy the exact address from a live peer's 'bertswarm-peer --join ...' line"
-
-
-def parse_maddr(text: str, flag: str, *, need_peer_id: bool) -> Multiaddr:
-    """Parse one multiaddr; raise ``UserError`` naming the flag and the expected shape."""
-    shape = "/ip4/<ip>/tcp/<port>/p2p/<peer-id>" if need_peer_id else "/ip4/<ip>/tcp/<port>"
-    try:
-        maddr = Multiaddr(text)
-    except Exception as e:  # the multiaddr library raises several unrelated types
-        raise UserError(f"{flag} {text!r} is not a valid multiaddr ({e}); expected {shape}") from None
-    protocols = [p.name for p in maddr.protocols()]
-    if not {"tcp", "udp"} & set(protocols):
-        raise UserError(f"{flag} {text!r} names no tcp/udp port; expected {shape}")
-    if need_peer_id and "p2p" not in protocols:
-        raise UserError(f"{flag} {text!r} lacks the /p2p/<peer-id> part; {JOIN_HINT}")
-    return maddr
-
-
-def validate_addresses(cfg: PeerConfig) -> None:
-    for text in cfg.join:
-        parse_maddr(text, "--join", need_peer_id=True)
-    for text in cfg.listen:
-        parse_maddr(text, "--listen", need_peer_id=False)
-    for text in cfg.announce:
-        maddr = parse_maddr(text, "--announce", need_peer_id=False)
-        if any(p.name in ("tcp", "udp") and maddr.value_for_protocol(p.code) == "0" for p in maddr.protocols()):
-            raise UserError(f"--announce {text!r}: port 0 cannot be dialled; announce the real port you listen on")
-
 
 def start_dht(cfg: PeerConfig, record_validators: Sequence = ()) -> hivemind.DHT:
-    """Start the DHT node (and its p2pd). Addresses must have passed ``validate_addresses``."""
+    """Start the DHT node (and its p2pd). Addresses were validated with the config (``addresses.py``)."""
     identity = cfg.identity_path
     identity.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -45,6 +45,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.pid = os.getpid()
+        self.on_stop: list = []  # called from the handler on the first signal; must be quick
 
     def install(self) -> StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,6 +62,8 @@ class StopSignal:
             raise KeyboardInterrupt
         logger.info("received %s: finishing the current step, saving state and leaving", signal.Signals(signum).name)
         self.event.set()
+        for callback in self.on_stop:
+            callback()
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -78,7 +81,6 @@ class Prepared:
 
 
 def prepare(cfg: PeerConfig) -> Prepared:
-    swarm.validate_addresses(cfg)
     state_dir = StateDir(cfg.state_path)
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
     documents = corpus.load_documents(cfg.data) if cfg.data else corpus.default_corpus()
@@ -291,6 +293,8 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
         addresses = swarm.join_addresses(dht)
         print(f"bertswarm-peer --join {addresses[0]}", file=out, flush=True)
         trainer = Trainer(cfg, prepared, dht, run_manifest)
+        stop.install()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start; undo that
+        stop.on_stop.append(trainer.opt.cancel_matchmaking)
         trainer.sync_with_swarm(timeout=cfg.startup_timeout)
         trainer.train(stop)
     finally:

@@ -20,22 +20,26 @@ def test_every_config_field_has_a_flag_and_help():
         assert "BERTSWARM_" + name.upper() in help_text
 
 
+A = "/ip4/127.0.0.1/tcp/4000/p2p/12D3KooWB72XDuQv8xY5qFEzdJutWeuR5pJuipzJaK1Z5dD9DKVG"
+B = "/ip4/127.0.0.2/tcp/4001/p2p/12D3KooWB72XDuQv8xY5qFEzdJutWeuR5pJuipzJaK1Z5dD9DKVG"
+
+
 def test_flags_env_and_precedence():
     env = {
         "BERTSWARM_BATCH_SIZE": "4",
-        "BERTSWARM_JOIN": "/a /b",
+        "BERTSWARM_JOIN": f"{A} {B}",
         "BERTSWARM_CLIENT_MODE": "yes",
         "BERTSWARM_LR": "1e-3",
     }
     cfg, explicit = parse_config(["--batch-size", "8", "--preset", "mini"], environ=env)
     assert cfg.batch_size == 8  # the flag wins over the variable
-    assert cfg.join == ["/a", "/b"] and cfg.client_mode is True and cfg.lr == 1e-3 and cfg.preset == "mini"
+    assert cfg.join == [A, B] and cfg.client_mode is True and cfg.lr == 1e-3 and cfg.preset == "mini"
     assert explicit == {"batch_size", "join", "client_mode", "lr", "preset"}
 
 
 def test_repeatable_join():
-    cfg, _ = parse_config(["--join", "/x", "--join", "/y"], environ={})
-    assert cfg.join == ["/x", "/y"]
+    cfg, _ = parse_config(["--join", A, "--join", B], environ={})
+    assert cfg.join == [A, B]
 
 
 @pytest.mark.parametrize(
