@@ -186,6 +186,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         seconds = time.perf_counter() - started
         if maybe_step_control is None:
             self._on_round("solo", 1, seconds)
+        elif maybe_step_control.cancelled():  # this peer is leaving (see cancel_matchmaking)
+            self._on_round("failed", 1, seconds)
         elif maybe_step_control.done() and maybe_step_control.exception() is None:
             self._on_round("success", len(maybe_step_control.result()), seconds)
         else:

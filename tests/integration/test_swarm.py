@@ -120,3 +120,23 @@ def test_crashes_and_bootstrap_death_do_not_stop_the_swarm(swarm):
         peer.send_signal(signal.SIGTERM)
     for peer in (b, c, d):
         assert peer.wait(timeout=30) == 0, peer.log_tail()
+
+
+@pytest.mark.timeout(300)
+def test_client_mode_peer_behind_nat_trains_through_others(swarm):
+    """A peer that accepts no inbound connections still downloads state and averages through the others."""
+    a = swarm.start("a")
+    a.wait_for_join_address(60)
+    b = swarm.start("b", join=a)
+    client = swarm.start("client", "--client-mode", join=a)
+    success = 'outcome="success"'
+    swarm.wait_until(
+        "the client-mode peer to average with the others",
+        lambda: swarm.metric(client, "bertswarm_peer_averaging_rounds_total", success) >= 2,
+        timeout=200,
+    )
+    assert swarm.epoch(client) >= swarm.epoch(a) - 1
+    for peer in (a, b, client):
+        peer.send_signal(signal.SIGTERM)
+    for peer in (a, b, client):
+        assert peer.wait(timeout=30) == 0, peer.log_tail()
