@@ -24,9 +24,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # ~1.5M parameters with the 8192-token vocab: a CPU demo that learns visibly in minutes.
     "tiny": Preset(128, 2, 2, 512, batch_size=16, target_batch_size=256, lr=1e-3),
-    # ~11M parameters (BERT-mini / small-ish): a laptop GPU or a patient CPU.
+    # ~5.5M parameters (BERT-mini layout): a laptop GPU or a patient CPU.
     "mini": Preset(256, 4, 4, 1024, batch_size=32, target_batch_size=1024, lr=5e-4),
-    # BERT-base (110M with the original 30k vocab) and BERT-large (340M): real GPUs.
+    # BERT-base and BERT-large layouts (92M / 312M with our 8192 vocab; 110M / 340M with the original 30k): GPUs.
     "base": Preset(768, 12, 12, 3072, batch_size=32, target_batch_size=4096, lr=2e-4),
     "large": Preset(1024, 24, 16, 4096, batch_size=16, target_batch_size=8192, lr=1e-4),
 }

@@ -7,6 +7,8 @@ Tuning advice (the defaults suit 2-16 peers on one continent):
   logs show "could not find a group" or rounds fail, raise it to 5-15 s; on loopback 1-3 s is plenty.
 - ``averaging_timeout`` (``--averaging-timeout``, default 30 s): after this a round is abandoned and the peer steps
   with its local gradients (it will then resync parameters from peers). Raise it for large models on slow links.
+- A groupmate that sends nothing for ``averaging_timeout / 2`` in the middle of a round is dropped, and the round
+  completes with the others' contributions.
 - The target batch is reached by the whole swarm; each peer contributes what it computed, weighted by its samples.
 """
 
@@ -26,6 +28,9 @@ from hivemind.optim.grad_averager import GradientAverager
 from peer.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
+
+
+STATE_AVERAGING_EVERY = 10  # global steps between parameter/optimizer-state averaging rounds
 
 
 class ClippingMixin:
@@ -229,10 +234,18 @@ def make_optimizer(
         scheduler=scheduler_factory(manifest),
         matchmaking_time=matchmaking_time,
         averaging_timeout=averaging_timeout,
+        # a groupmate silent for this long mid-round is dropped and the round finishes with partial sums; hivemind's
+        # default (= matchmaking time) dropped CPU-starved peers and left the survivors with unequal weights
+        next_chunk_timeout=max(matchmaking_time, averaging_timeout / 2),
         load_state_timeout=max(60.0, 4 * averaging_timeout),
         client_mode=dht.client_mode,
-        # Parameters and Adam moments are averaged every few epochs to bound drift after failed rounds.
-        average_state_every=5,
+        # Parameters and Adam moments are averaged every 10 steps to bound drift after failed or partial rounds.
+        # Synchronously: hivemind's delayed variant copies the averaged tensors over the local ones whenever the
+        # round finishes, which can undo an optimizer step taken meanwhile (seen as peers ending a step apart).
+        average_state_every=STATE_AVERAGING_EVERY,
+        delay_state_averaging=False,
+        # Adam moments are not averaged: with average_opt_statistics=("exp_avg", "exp_avg_sq"), hivemind 1.1.12
+        # left the one peer that had never loaded state with a third of the swarm's moments (3 peers, measured).
         averager_opts=dict(request_timeout=request_timeout),
         grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
         # progress records of peers that vanished expire after 20 s (hivemind's default 60 s stalls joiners longer)

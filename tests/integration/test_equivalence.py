@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from peer.model import build_model
-from peer.optim import optimizer_factory, param_groups, scheduler_factory
+from peer.optim import STATE_AVERAGING_EVERY, optimizer_factory, param_groups, scheduler_factory
 
 from .equivalence_worker import MANIFEST, make_batch
 
 WORKER = Path(__file__).with_name("equivalence_worker.py")
-STEPS = 6  # crosses the parameter/state averaging done every 5 global steps
+STEPS = STATE_AVERAGING_EVERY + 1  # crosses one parameter/optimizer-state averaging round
 TOLERANCE = 1e-5  # max |swarm - reference| over all weights; one optimizer step moves weights by ~lr = 3e-3
 
 
