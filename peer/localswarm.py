@@ -28,6 +28,7 @@ class LocalPeer:
         self.state_dir = workdir / name
         self.log_path = workdir / f"{name}.log"
         self.join_address: str | None = None
+        self.signalled = False
         self._join_ready = threading.Event()
         command = [sys.executable, "-m", "peer", "--state-dir", str(self.state_dir), *args]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **(env or {}))
@@ -71,6 +72,7 @@ class LocalPeer:
         """Send ``sig`` to the peer's main process only (as a user's Ctrl-C or a service manager would)."""
         if self.alive():
             self.proc.send_signal(sig)
+            self.signalled = True
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         """Crash the whole peer: its main process, p2pd and helpers (like a machine losing power)."""
@@ -85,8 +87,10 @@ class LocalPeer:
                 self._cleanup()
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, wait; then SIGKILL the whole group. Always reaps the process and its group."""
-        self.send_signal(signal.SIGTERM)
+        """SIGTERM (once: a second one during interpreter exit kills with -15), wait; then SIGKILL the whole group.
+        Always reaps the process and its group."""
+        if not self.signalled:
+            self.send_signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -133,6 +137,8 @@ def run_demo(peers: int, seconds: float, workdir: Path, extra: list[str]) -> int
         )
         _follow(first.log_path, seconds, started)
     finally:
+        for peer in started:  # all at once, like Ctrl-C on every volunteer's terminal
+            peer.send_signal(signal.SIGTERM)
         codes = [peer.stop() for peer in started]
     print(f"demo: all peers left (exit codes {codes})", flush=True)
     return 0 if all(code == 0 for code in codes) else 1

@@ -35,7 +35,7 @@ from peer.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerpr
 
 logger = logging.getLogger(__name__)
 
-SHUTDOWN_DEADLINE = 10.0  # seconds from SIGINT/SIGTERM to exit
+STEP_DEADLINE = 6.0  # seconds the current step may still take after SIGINT/SIGTERM; saving and leaving take ~1 s
 REPUBLISH_EVERY = manifest.RECORD_TTL / 3
 
 
@@ -64,6 +64,14 @@ class StopSignal:
         self.event.set()
         for callback in self.on_stop:
             callback()
+        # a round that is already exchanging tensors cannot be cancelled; if it outlives the deadline, interrupt it
+        self._deadline = threading.Timer(STEP_DEADLINE, os.kill, (self.pid, signal.SIGINT))
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def cancel_deadline(self) -> None:
+        if getattr(self, "_deadline", None) is not None:
+            self._deadline.cancel()
 
     def is_set(self) -> bool:
         return self.event.is_set()
@@ -169,10 +177,19 @@ class Trainer:
         self.telemetry.epoch.set(self.opt.local_epoch)
 
     def train(self, stop: StopSignal) -> None:
-        while not stop.is_set() and not self.finished:
-            self.step()
-            self.report()
-            self.checkpoint()
+        try:
+            while not stop.is_set() and not self.finished:
+                self.step()
+                self.report()
+                self.checkpoint()
+        except KeyboardInterrupt:
+            if not stop.is_set():
+                raise
+            logger.warning(
+                "the averaging round did not finish within %.0fs of the stop signal; leaving without it", STEP_DEADLINE
+            )
+        finally:
+            stop.cancel_deadline()
 
     @property
     def finished(self) -> bool:
