@@ -23,18 +23,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(PY) -m peer.localswarm --peers $(DEMO_PEERS) --seconds $(DEMO_SECONDS) --workdir demo-state
+	$(PY) -m coordinator.demo --peers $(DEMO_PEERS) --seconds $(DEMO_SECONDS) --workdir demo-state
 
 test: setup
-	$(PY) -m ruff check peer tests tools
-	$(PY) -m ruff format --check peer tests tools
+	$(PY) -m ruff check peer coordinator tests tools
+	$(PY) -m ruff format --check peer coordinator tests tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check peer tests tools
+	$(PY) -m ruff check peer coordinator tests tools
 
 format: setup
-	$(PY) -m ruff format peer tests tools
+	$(PY) -m ruff format peer coordinator tests tools
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache .ruff_cache

@@ -30,7 +30,7 @@ GROUP_TITLES = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2 (argparse's own convention), no usage dump
-        raise UserError(f"{message}; see bertswarm-peer --help")
+        raise UserError(f"{message}; see {self.prog} --help")
 
 
 def _base_type(annotation) -> tuple[type, bool]:
@@ -46,23 +46,31 @@ def _base_type(annotation) -> tuple[type, bool]:
     return hint, False
 
 
-def _fields():
-    hints = typing.get_type_hints(PeerConfig)
-    for f in dataclasses.fields(PeerConfig):
+PEER_DESCRIPTION = (
+    "Train BERT together with volunteers. With no arguments, start a new swarm on embedded defaults; with --join, "
+    "join a running swarm through any live peer."
+)
+
+
+def _fields(config_cls):
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
         yield f, *_base_type(hints[f.name])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    config_cls=PeerConfig, prog: str = "bertswarm-peer", description: str = PEER_DESCRIPTION, groups=GROUP_TITLES
+) -> argparse.ArgumentParser:
+    """An argparse parser generated from the fields of a config dataclass (each field: ``--name-with-dashes``)."""
     parser = _Parser(
-        prog="bertswarm-peer",
-        description="Train BERT together with volunteers. With no arguments, start a new swarm on embedded "
-        "defaults; with --join, join a running swarm through any live peer.",
-        epilog=f"Every flag can also be set through an environment variable, e.g. --batch-size as "
-        f"{ENV_PREFIX}BATCH_SIZE. Lists in variables are space-separated.",
+        prog=prog,
+        description=description,
+        epilog=f"Every flag can also be set through an environment variable named {ENV_PREFIX} + the flag in "
+        f"capitals, e.g. --join as {ENV_PREFIX}JOIN. Lists in variables are space-separated.",
     )
     parser.add_argument("--version", action="version", version=f"bertswarm {__version__}")
-    groups = {name: parser.add_argument_group(title) for name, title in GROUP_TITLES.items()}
-    for f, base, is_list in _fields():
+    groups = {name: parser.add_argument_group(title) for name, title in groups.items()}
+    for f, base, is_list in _fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         group = groups[f.metadata.get("group", "peer")]
         env = ENV_PREFIX + f.name.upper()
@@ -86,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _from_env(environ) -> dict:
+def _from_env(environ, config_cls) -> dict:
     values = {}
-    for f, base, is_list in _fields():
+    for f, base, is_list in _fields(config_cls):
         raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is None or raw == "":
             continue
@@ -107,12 +115,12 @@ def _from_env(environ) -> dict:
     return values
 
 
-def parse_config(argv: list[str] | None = None, environ=None) -> tuple[PeerConfig, set[str]]:
+def parse_config(argv: list[str] | None = None, environ=None, parser=None, config_cls=PeerConfig):
     """The validated config and the set of settings the user set explicitly (flag or environment variable)."""
     environ = os.environ if environ is None else environ
-    values = _from_env(environ)
-    values.update(vars(build_parser().parse_args(argv)))
-    cfg = PeerConfig(**values).validate()
+    values = _from_env(environ, config_cls)
+    values.update(vars((parser or build_parser()).parse_args(argv)))
+    cfg = config_cls(**values).validate()
     return cfg, set(values)
 
 

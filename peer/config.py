@@ -111,6 +111,13 @@ class PeerConfig:
     total_steps: int = _opt("global steps until the LR has decayed linearly to zero", default=10000, group="run")
 
     # --- this peer ------------------------------------------------------------------------------------------------
+    init_from: str | None = _opt(
+        "start a new swarm from a published checkpoint (directory or coordinator URL) instead of random weights; "
+        "its manifest must match this run",
+        default=None,
+        metavar="DIR|URL",
+        group="run",
+    )
     batch_size: int | None = _opt(
         "samples per local forward/backward pass (default: per preset)", default=None, group="peer"
     )
@@ -177,6 +184,8 @@ class PeerConfig:
                 f"--run-id {self.run_id!r}: use 1-64 letters, digits, '-' or '_' (it prefixes the swarm's DHT keys)"
             )
         addresses.validate(self.join, self.listen, self.announce)
+        if self.init_from and self.join:
+            raise UserError("--init-from starts a new swarm; a joining peer takes the swarm's state, drop one of them")
         if self.client_mode and self.announce:
             raise UserError("--client-mode accepts no inbound connections, so --announce makes no sense; drop one")
         if self.batch_size and self.target_batch_size and self.batch_size > self.target_batch_size:

@@ -1,4 +1,4 @@
-"""Run several peers on this machine: ``make demo`` (``python -m peer.localswarm``) and the test harness use it.
+"""Run several peers on this machine: ``make demo`` (``coordinator/demo.py``) and the test harness use it.
 
 Each peer is a real ``bertswarm-peer`` process in its own process session, so stopping one also stops the p2pd and
 helper processes it started (they share its process group), and nothing outlives the launcher.
@@ -6,7 +6,6 @@ helper processes it started (they share its process group), and nothing outlives
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import signal
@@ -21,16 +20,19 @@ JOIN_PREFIX = "bertswarm-peer --join "
 
 
 class LocalPeer:
-    """One ``python -m peer`` process with its own state dir, stdout watched for the join line."""
+    """One ``python -m peer`` (or ``-m coordinator``) process with its own state dir, stdout watched for the join
+    line."""
 
-    def __init__(self, name: str, workdir: Path, args: list[str], env: dict | None = None, threads: int = 1):
+    def __init__(
+        self, name: str, workdir: Path, args: list[str], env: dict | None = None, threads: int = 1, module: str = "peer"
+    ):
         self.name, self.workdir = name, workdir
         self.state_dir = workdir / name
         self.log_path = workdir / f"{name}.log"
         self.join_address: str | None = None
         self.signalled = False
         self._join_ready = threading.Event()
-        command = [sys.executable, "-m", "peer", "--state-dir", str(self.state_dir), *args]
+        command = [sys.executable, "-m", module, "--state-dir", str(self.state_dir), *args]
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), **(env or {}))
         workdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
@@ -114,62 +116,20 @@ class LocalPeer:
             return ""
 
 
-def run_demo(peers: int, seconds: float, workdir: Path, extra: list[str]) -> int:
-    """Start a swarm of ``peers`` local peers, let it train for ``seconds``, then stop every peer cleanly."""
-    started: list[LocalPeer] = []
-    try:
-        first = LocalPeer("peer-0", workdir, ["--metrics-port", "9400", *extra])
-        started.append(first)
-        address = first.wait_for_join_address(timeout=120)
-        print(
-            f"demo: swarm started; join it from this machine with:\n  bertswarm-peer --join {address} "
-            "--state-dir <a new dir>",
-            flush=True,
-        )
-        for i in range(1, peers):
-            started.append(
-                LocalPeer(f"peer-{i}", workdir, ["--join", address, "--metrics-port", str(9400 + i), *extra])
-            )
-        print(
-            f"demo: {peers} peers training for {seconds:.0f}s; logs in {workdir}/peer-*.log, metrics on "
-            f"http://127.0.0.1:9400/metrics (and :9401, ...)",
-            flush=True,
-        )
-        _follow(first.log_path, seconds, started)
-    finally:
-        for peer in started:  # all at once, like Ctrl-C on every volunteer's terminal
-            peer.send_signal(signal.SIGTERM)
-        codes = [peer.stop() for peer in started]
-    print(f"demo: all peers left (exit codes {codes})", flush=True)
-    return 0 if all(code == 0 for code in codes) else 1
-
-
-def _follow(log_path: Path, seconds: float, peers: list[LocalPeer]) -> None:
-    """Echo the first peer's progress lines while the demo runs."""
+def follow(log_path: Path, seconds: float, processes: list[LocalPeer], also: Path | None = None) -> None:
+    """Echo progress, warnings and errors from a peer's log (and ``also``) while the processes run."""
     deadline = time.monotonic() + seconds
-    offset = 0
+    offsets = {log_path: 0, **({also: 0} if also else {})}
     while time.monotonic() < deadline:
         time.sleep(1.0)
-        with open(log_path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-            offset += len(chunk)
-        for line in chunk.decode(errors="replace").splitlines():
-            if "peer.progress" in line or "WARNING" in line or "ERROR" in line:
-                print(line, flush=True)
-        dead = [p.name for p in peers if not p.alive()]
+        for path in offsets:
+            with open(path, "rb") as f:
+                f.seek(offsets[path])
+                chunk = f.read()
+                offsets[path] += len(chunk)
+            for line in chunk.decode(errors="replace").splitlines():
+                if any(word in line for word in ("peer.progress", "published", "WARNING", "ERROR")):
+                    print(line, flush=True)
+        dead = [p.name for p in processes if not p.alive()]
         if dead:
             raise SystemExit(f"demo: {', '.join(dead)} exited early; see {log_path.parent}/<name>.log")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peer.localswarm", description="Run a local demo swarm.")
-    parser.add_argument("--peers", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=180)
-    parser.add_argument("--workdir", type=Path, default=Path("demo-state"))
-    args, extra = parser.parse_known_args(argv)
-    return run_demo(args.peers, args.seconds, args.workdir, extra)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

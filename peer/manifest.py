@@ -167,7 +167,7 @@ def resolve(
         publish(dht, manifest)
         return manifest
 
-    run_id, run = _wait_for_run(dht, cfg.run_id, cfg.startup_timeout)
+    run_id, run = wait_for_run(dht, cfg.run_id, cfg.startup_timeout)
     mine = from_config(cfg, run_id, tokenizer_fingerprint, vocab_size)
     clashes = conflicts(run, mine, explicit)
     if clashes:
@@ -184,7 +184,7 @@ def resolve(
     return run
 
 
-def _wait_for_run(dht: hivemind.DHT, run_id: str | None, timeout: float) -> tuple[str, RunManifest]:
+def wait_for_run(dht: hivemind.DHT, run_id: str | None, timeout: float) -> tuple[str, RunManifest]:
     deadline = time.monotonic() + timeout
     while True:
         candidates = [run_id] if run_id else discover_run_id(dht)

@@ -5,6 +5,7 @@ Keys (``{run}`` is the run id):
 - ``bertswarm_runs``: subkey = run id, value = manifest fingerprint. Lets a joiner find the run without ``--run-id``.
 - ``{run}_manifest``: the run manifest as canonical JSON (see ``manifest.py``).
 - ``{run}_metrics``: subkey = a peer's RSA public key (signed), value = ``PeerMetrics``; only its owner can write it.
+- ``{run}_checkpoints``: subkey = a coordinator's RSA public key (signed), value = ``CheckpointRecord``.
 
 hivemind itself owns ``{run}_progress``, ``{run}_grad_averager*`` and ``{run}_state_averager*``.
 Numeric fields are strict and bounded so that a lying peer cannot push absurd values through the DHT.
@@ -31,6 +32,10 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
 
 
+def checkpoints_key(run_id: str) -> str:
+    return f"{run_id}_checkpoints"
+
+
 class PeerMetrics(pydantic.BaseModel):
     """What each peer says about itself, refreshed every report interval."""
 
@@ -43,11 +48,22 @@ class PeerMetrics(pydantic.BaseModel):
     client_mode: pydantic.StrictBool
 
 
+class CheckpointRecord(pydantic.BaseModel):
+    """The newest checkpoint a coordinator published (announced under its own signed subkey)."""
+
+    epoch: pydantic.conint(ge=0, le=10**9, strict=True)
+    name: pydantic.constr(strict=True, max_length=64)
+    sha256: pydantic.constr(strict=True, min_length=64, max_length=64)
+    url: pydantic.constr(strict=True, max_length=512)
+    time: pydantic.StrictFloat
+
+
 class RunRecords(pydantic.BaseModel):
     """Schema of the per-run keys; ``SchemaValidator(prefix=run_id)`` maps field ``x`` to key ``{run}_x``."""
 
     manifest: pydantic.constr(strict=True, max_length=MAX_MANIFEST_BYTES)
     metrics: dict[BytesWithPublicKey, PeerMetrics]
+    checkpoints: dict[BytesWithPublicKey, CheckpointRecord]
 
 
 class RunsRegistry(pydantic.BaseModel):

@@ -84,7 +84,7 @@ class StateDir:
         return SavedState(model, optimizer, epoch, samples, saved_fp)
 
     def save(self, model: torch.nn.Module, optimizer_state: dict, *, epoch: int, samples: int, fingerprint: str):
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in _unique_state(model).items()}
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unique_state(model).items()}
         for index, entries in optimizer_state.items():
             if not isinstance(entries, dict):
                 continue  # hivemind adds scalars such as local_epoch next to the per-parameter entries
@@ -98,7 +98,7 @@ class StateDir:
         self._lock.close()
 
 
-def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers without tied duplicates (BERT's decoder shares the word embeddings)."""
     seen, out = set(), {}
     for name, tensor in model.state_dict(keep_vars=False).items():

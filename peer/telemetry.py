@@ -32,6 +32,20 @@ PEER_STATE_DOWNLOADS = "bertswarm_peer_state_downloads"  # counter
 PEER_STATE_DOWNLOAD_SECONDS = "bertswarm_peer_state_download_seconds"
 PEER_LEARNING_RATE = "bertswarm_peer_learning_rate"
 
+# coordinator (swarm-level view built from the peers' signed DHT records)
+SWARM_PEERS = "bertswarm_swarm_peers"
+SWARM_EPOCH = "bertswarm_swarm_epoch"
+SWARM_SAMPLES_PER_SECOND = "bertswarm_swarm_samples_per_second"
+SWARM_LOSS = "bertswarm_swarm_loss"
+SWARM_SAMPLES = "bertswarm_swarm_samples"  # gauge: sum of live peers' reported samples
+SWARM_PEER_SAMPLES_PER_SECOND = "bertswarm_swarm_peer_samples_per_second"  # label peer (bounded)
+EVAL_LOSS = "bertswarm_eval_loss"
+EVAL_ACCURACY = "bertswarm_eval_accuracy"
+CHECKPOINT_EPOCH = "bertswarm_checkpoint_epoch"
+CHECKPOINT_AGE = "bertswarm_checkpoint_age_seconds"
+CHECKPOINT_WRITE_SECONDS = "bertswarm_checkpoint_write_seconds"
+CHECKPOINTS = "bertswarm_checkpoints"  # counter with label outcome
+
 ROUND_OUTCOMES = ("success", "failed", "solo")
 SKIP_REASONS = ("nonfinite",)
 METRICS_TTL = 60.0  # seconds a peer's DHT metrics record lives without refresh

@@ -24,6 +24,7 @@ from hivemind.utils import get_dht_time
 
 from peer import corpus, manifest, schema, swarm
 from peer.batches import BatchStream
+from peer.checkpoint import load_checkpoint
 from peer.config import PeerConfig
 from peer.errors import UserError
 from peer.model import PRESETS, build_model, count_parameters
@@ -35,6 +36,9 @@ from peer.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerpr
 
 logger = logging.getLogger(__name__)
 
+# Test-only fault injection (like hivemind's own test hooks): while this file exists, the peer stops taking steps but
+# stays in the swarm, so a test can compare every peer's weights with a checkpoint at one known step.
+_PAUSE_FILE = os.environ.get("BERTSWARM_TEST_PAUSE_FILE")
 STEP_DEADLINE = 6.0  # seconds the current step may still take after SIGINT/SIGTERM; saving and leaving take ~1 s
 REPUBLISH_EVERY = manifest.RECORD_TTL / 3
 
@@ -114,9 +118,15 @@ class Trainer:
 
         self.model = build_model(run.model, nsp=run.nsp, seed=run.init_seed)
         saved = self.state_dir.load(run.fingerprint)
+        init_epoch = None
         if saved is not None:
             _load_model_tensors(self.model, saved.model)
             self.samples_total = saved.samples
+        elif cfg.init_from:
+            tensors, meta = load_checkpoint(cfg.init_from, expected_fingerprint=run.fingerprint)
+            _load_model_tensors(self.model, tensors)
+            init_epoch, self.samples_total = int(meta["epoch"]), int(meta.get("samples_seen", 0))
+            logger.info("starting from checkpoint %s (step %d)", cfg.init_from, init_epoch)
         self.model.to(self.device).train()
         logger.info(
             "model: %s preset, %.2fM parameters on %s", run.preset, count_parameters(self.model) / 1e6, self.device
@@ -140,6 +150,9 @@ class Trainer:
             self.opt.load_state_dict(state)
             self.opt.state_averager._update_scheduler()  # LR to the resumed epoch (hivemind does this lazily)
             logger.info("resumed local state at step %d from %s", saved.epoch, self.state_dir.state_file)
+        elif init_epoch is not None:
+            self.opt.state_averager.local_epoch = init_epoch  # the LR schedule continues from the checkpoint's step
+            self.opt.state_averager._update_scheduler()
 
         self.batches = BatchStream(
             prepared.documents,
@@ -179,6 +192,10 @@ class Trainer:
     def train(self, stop: StopSignal) -> None:
         try:
             while not stop.is_set() and not self.finished:
+                if _PAUSE_FILE and os.path.exists(_PAUSE_FILE):
+                    self.report()  # test hook: hold the weights still between steps, keep reporting (never for users)
+                    time.sleep(0.1)
+                    continue
                 self.step()
                 self.report()
                 self.checkpoint()

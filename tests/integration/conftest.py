@@ -51,15 +51,25 @@ class Swarm:
         self.peers: list[LocalPeer] = []
         self.ports: dict[str, int] = {}
 
-    def start(self, name: str, *args: str, join: LocalPeer | None = None, fast: bool = True) -> LocalPeer:
+    def start(
+        self, name: str, *args: str, join: LocalPeer | None = None, fast: bool = True, env: dict | None = None
+    ) -> LocalPeer:
         port = free_port()
         argv = [*(FAST if fast else []), "--data", str(self.corpus), "--metrics-port", str(port), *args]
         if join is not None:
             argv += ["--join", join.join_address]
-        peer = LocalPeer(name, self.workdir, argv)
+        peer = LocalPeer(name, self.workdir, argv, env=env)
         self.peers.append(peer)
         self.ports[name] = port
         return peer
+
+    def start_coordinator(self, name: str, *args: str, join: LocalPeer) -> LocalPeer:
+        port = free_port()
+        argv = ["--join", join.join_address, "--http-port", str(port), "--data", str(self.corpus), *args]
+        coordinator = LocalPeer(name, self.workdir, argv, module="coordinator")
+        self.peers.append(coordinator)
+        self.ports[name] = port
+        return coordinator
 
     def metric(self, peer: LocalPeer, name: str, labels: str = "") -> float:
         """Current value of one metric sample of ``peer`` (``labels`` like ``outcome="success"``)."""

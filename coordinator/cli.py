@@ -1,0 +1,120 @@
+"""``bertswarm-coordinator``: observe a swarm, export its metrics, publish checkpoints. Optional: the swarm trains the
+same with or without it, and it may die or restart at any time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from coordinator.config import CoordinatorConfig
+from peer.cli import build_parser, parse_config, setup_logging
+from peer.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+GROUPS = {"swarm": "joining the swarm", "coordinator": "metrics and checkpoints"}
+DESCRIPTION = (
+    "Observe a bertswarm swarm: export swarm-wide Prometheus metrics and publish Hugging Face-compatible "
+    "checkpoints. It never trains, decides or serves state; the swarm does not need it."
+)
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Fail fast (one line, before joining) when checkpoints could not be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--checkpoint-dir {path}: not writable ({e.strerror}); pick a writable directory") from None
+
+
+async def run(cfg: CoordinatorConfig) -> None:
+    # heavy imports after the flags are known to be sane
+    from coordinator import http
+    from coordinator.service import CoordinatorService
+    from peer import corpus, manifest, schema, swarm
+    from peer.batches import heldout_batches
+    from peer.config import PeerConfig
+    from peer.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
+
+    check_checkpoint_dir(Path(cfg.checkpoint_dir).expanduser())
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
+    documents = corpus.load_documents(cfg.data) if cfg.data else corpus.default_corpus()
+    _, heldout = corpus.split_heldout(documents)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    service = None
+    dht_cfg = PeerConfig(join=cfg.join, listen=cfg.listen, client_mode=True, state_dir=cfg.state_dir,
+                         startup_timeout=cfg.startup_timeout)  # fmt: skip
+    holder: dict = {}
+    app = http.make_app(_Lazy(holder))
+    runner, port = await http.serve(app, cfg.http_host, cfg.http_port)
+    dht = await loop.run_in_executor(None, swarm.start_dht, dht_cfg, schema.registry_validators())
+    try:
+        run_id, run_manifest = await loop.run_in_executor(None, manifest.wait_for_run, dht, cfg.run_id,
+                                                          cfg.startup_timeout)  # fmt: skip
+        if run_manifest.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
+            raise UserError(
+                "the run uses another tokenizer than this coordinator; pass --tokenizer with the run's file"
+            )
+        validators, subkey = schema.run_validators(run_id)
+        dht.add_validators(validators)
+        batches = heldout_batches(heldout, tokenizer, seq_len=run_manifest.seq_len, batch_size=16, seed=0,
+                                  max_batches=cfg.eval_batches, nsp=run_manifest.nsp)  # fmt: skip
+        public_url = f"http://{cfg.http_host}:{port}"
+        # in the main thread: hivemind's averager changes signal handlers when it starts, and then resets SIGINT
+        service = CoordinatorService(cfg, dht, run_manifest, tokenizer, batches, public_url, subkey)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        holder["service"] = service
+        print(f"bertswarm-coordinator: observing run {run_id}; metrics on {public_url}/metrics, status on "
+              f"{public_url}/status, checkpoints in {cfg.checkpoint_dir}", flush=True)  # fmt: skip
+        await service.run_forever(stop)
+    finally:
+        if service is not None:
+            service.close()
+        swarm.stop_dht(dht)
+        await runner.cleanup()
+
+
+class _Lazy:
+    """The HTTP app starts before the service exists (to claim the port first); until then it answers 503."""
+
+    def __init__(self, holder: dict):
+        self._holder = holder
+
+    def __getattr__(self, name):
+        service = self._holder.get("service")
+        if service is None:
+            from aiohttp import web
+
+            raise web.HTTPServiceUnavailable(text="still joining the swarm\n")
+        return getattr(service, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser(CoordinatorConfig, "bertswarm-coordinator", DESCRIPTION, GROUPS)
+        cfg, _ = parse_config(argv, parser=parser, config_cls=CoordinatorConfig)
+        setup_logging()
+        import uvloop
+
+        uvloop.run(run(cfg))
+    except UserError as e:
+        print(f"bertswarm-coordinator: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Download the swarm's current state as an observer, verify it, and evaluate it on held-out text.
+
+The coordinator holds a ``TrainingStateAverager`` with exactly the peers' parameter and optimizer structure (built by
+the same ``peer`` functions), in client mode and with state sharing off: it can download state, and it never serves
+its possibly stale copy to joining peers nor takes part in averaging rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import hivemind
+import torch
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from peer.batches import IGNORE_INDEX
+from peer.manifest import RunManifest
+from peer.model import build_model
+from peer.optim import optimizer_factory, param_groups, scheduler_factory
+
+logger = logging.getLogger(__name__)
+
+
+class StateDownloader:
+    def __init__(self, dht: hivemind.DHT, manifest: RunManifest):
+        self.manifest = manifest
+        self.model = build_model(manifest.model, nsp=manifest.nsp, seed=manifest.init_seed)
+        self.averager = TrainingStateAverager(
+            dht=dht,
+            prefix=f"{manifest.run_id}_state_averager",
+            optimizer=optimizer_factory(manifest),
+            params=param_groups(self.model, manifest.weight_decay),
+            scheduler=scheduler_factory(manifest),
+            offload_optimizer=True,
+            custom_gradients=True,
+            client_mode=True,
+            allow_state_sharing=False,
+            min_matchmaking_time=1.0,
+            request_timeout=0.5,
+            start=True,
+        )
+
+    def download(self, timeout: float) -> int | None:
+        """Load the newest state a peer offers; the global step it belongs to, or None if no peer answered."""
+        started = time.perf_counter()
+        before = (self.averager.local_epoch, _checksum(self.model))
+        self.averager.load_state_from_peers(timeout=timeout)
+        if (self.averager.local_epoch, _checksum(self.model)) == before:
+            return None  # hivemind returns silently when no peer sent its state
+        logger.info("downloaded the swarm's state at step %d in %.2fs", self.averager.local_epoch,
+                    time.perf_counter() - started)  # fmt: skip
+        return self.averager.local_epoch
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
+
+
+@torch.no_grad()
+def _checksum(model: torch.nn.Module) -> float:
+    return float(sum(p.double().sum() for p in model.parameters()))
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
+    """Held-out MLM loss (mean over masked tokens) and accuracy (argmax == original token at masked positions)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in batches:
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "next_sentence_label")}
+        output = model(**inputs)
+        logits = output.logits if hasattr(output, "logits") else output.prediction_logits  # MLM or MLM+NSP head
+        mask = labels != IGNORE_INDEX
+        loss_sum += torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask], reduction="sum").item()
+        correct += int((logits[mask].argmax(-1) == labels[mask]).sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    return {"mlm_loss": loss if math.isfinite(loss) else float("nan"), "mlm_accuracy": correct / max(count, 1),
+            "masked_tokens": count}  # fmt: skip

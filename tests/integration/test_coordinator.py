@@ -1,0 +1,137 @@
+"""The coordinator against a live swarm: its metrics agree with the peers, its checkpoints hold the swarm's weights
+and load in transformers, it can be killed and restarted without the swarm noticing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import saved_state
+
+pytestmark = pytest.mark.swarm
+
+
+def get_json(swarm, coordinator, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{swarm.ports[coordinator.name]}{path}", timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.timeout(420)
+def test_coordinator_metrics_checkpoints_and_restart(swarm, tmp_path, monkeypatch):
+    pause = tmp_path / "pause"
+    env = {"BERTSWARM_TEST_PAUSE_FILE": str(pause)}
+    a = swarm.start("a", env=env)
+    a.wait_for_join_address(60)
+    b = swarm.start("b", join=a, env=env)
+    ckpt = tmp_path / "ckpt"
+    args = [
+        "--checkpoint-dir",
+        str(ckpt),
+        "--checkpoint-every",
+        "1",
+        "--tick",
+        "1",
+        "--eval-batches",
+        "2",
+        "--keep",
+        "3",
+    ]
+    coord = swarm.start_coordinator("coord", *args, join=a)
+
+    # 1. swarm metrics agree with what the peers say about themselves
+    sees_both = lambda: get_json(swarm, coord, "/status")["swarm"]["peers"] == 2  # noqa: E731
+    swarm.wait_until("the coordinator to see both peers", sees_both, timeout=120)
+    status = get_json(swarm, coord, "/status")["swarm"]
+    epochs = [swarm.epoch(a), swarm.epoch(b)]
+    assert min(epochs) - 1 <= status["epoch"] <= max(epochs) + 1
+    peer_samples = swarm.metric(a, "bertswarm_peer_samples_total") + swarm.metric(b, "bertswarm_peer_samples_total")
+    assert 0 < status["samples"] <= peer_samples
+    assert status["samples_per_second"] > 0 and 1.0 < status["loss"] < 12.0
+    assert swarm.metric(coord, "bertswarm_swarm_peers") == 2
+    promtool_check_metrics(a.metrics(swarm.ports["a"]))
+    promtool_check_metrics(coord.metrics(swarm.ports["coord"]))
+
+    # 2. a checkpoint is published; then the coordinator is killed and restarted while the swarm keeps training
+    swarm.wait_until("a first checkpoint", lambda: len(get_json(swarm, coord, "/checkpoints")) >= 1, timeout=150)
+    coord.kill_group(signal.SIGKILL)
+    coord.wait(timeout=10)
+    killed_at = max(swarm.epoch(a), swarm.epoch(b))
+    swarm.wait_until("training to go on without the coordinator", lambda: swarm.epoch(a) >= killed_at + 2, timeout=120)
+    coord = swarm.start_coordinator("coord2", *args, join=b)
+    swarm.wait_until("the restarted coordinator to publish a newer checkpoint",
+                     lambda: _checkpoint_epoch(swarm, coord) >= killed_at + 2,
+                     timeout=150)  # fmt: skip
+
+    # 3. hold the swarm still at one step: the checkpoint of that step holds exactly the peers' weights
+    pause.touch()
+    swarm.wait_until("the peers to pause", lambda: _stable_epoch(swarm, a, b), timeout=60)
+    held = swarm.epoch(a)
+    swarm.wait_until("a checkpoint of the held step", lambda: _checkpoint_epoch(swarm, coord) == held, timeout=120)
+    listing = get_json(swarm, coord, "/checkpoints")
+    assert len(listing) <= 3 and listing[0]["epoch"] == held
+    for peer in (a, b):
+        peer.send_signal(signal.SIGTERM)
+        assert peer.wait(timeout=30) == 0, peer.log_tail()
+    path = ckpt / listing[0]["name"]
+    weights = load_file(str(path / "model.safetensors"))
+    diffs = []
+    for peer in (a, b):
+        tensors, epoch = saved_state(peer)
+        assert epoch == held
+        diffs.append(max((weights[k].float() - tensors[k].float()).abs().max().item() for k in tensors if k in weights))
+    print(f"checkpoint at step {held}: max |checkpoint - peer| = {diffs}")
+    assert min(diffs) <= 1e-6
+
+    # 4. it is a Hugging Face checkpoint: loads, fills masks, and its eval numbers are reproducible from the files
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    from coordinator.snapshot import evaluate
+    from peer.batches import heldout_batches
+    from peer.corpus import load_documents, split_heldout
+    from peer.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForMaskedLM.from_pretrained(path)
+    fill = pipeline("fill-mask", model=model, tokenizer=AutoTokenizer.from_pretrained(path))
+    assert len(fill("the function returns a [MASK] of the input.")) == 5
+    meta = json.loads((path / "bertswarm.json").read_text())
+    manifest = meta["manifest"]
+    _, heldout = split_heldout(load_documents([str(swarm.corpus)]))
+    batches = heldout_batches(heldout, load_tokenizer(path), seq_len=manifest["seq_len"], batch_size=16, seed=0,
+                              max_batches=2)  # fmt: skip
+    again = evaluate(model, batches)
+    assert again["mlm_loss"] == pytest.approx(meta["eval_metrics"]["mlm_loss"], abs=1e-4)
+    assert again["mlm_accuracy"] == pytest.approx(meta["eval_metrics"]["mlm_accuracy"], abs=1e-6)
+    assert torch.isfinite(torch.tensor(again["mlm_loss"]))
+
+
+def promtool_check_metrics(text: str) -> None:
+    """``promtool check metrics`` (Debian's prometheus package; .ci/run installs it) must accept the exposition."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("promtool") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing in CI: .ci/run must install Debian's prometheus package")
+        pytest.skip("promtool not installed (apt-get install prometheus); CI runs this check")
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _checkpoint_epoch(swarm, coord) -> int:
+    last = get_json(swarm, coord, "/status")["last_checkpoint"]
+    return -1 if last is None else last["epoch"]
+
+
+def _stable_epoch(swarm, a, b) -> bool:
+    import time
+
+    first = (swarm.epoch(a), swarm.epoch(b))
+    time.sleep(3)
+    return first == (swarm.epoch(a), swarm.epoch(b)) and first[0] == first[1]
