@@ -33,7 +33,11 @@ def run_peer(*args: str, cwd=None, timeout: float = 90) -> tuple[int, str, float
 def assert_one_line_error(code: int, stderr: str, *fragments: str) -> str:
     assert code == 2, stderr
     assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("bertswarm-peer: error: ")]
+    errors = [
+        line
+        for line in stderr.splitlines()
+        if line.startswith(("bertswarm-peer: error: ", "bertswarm-coordinator: error: "))
+    ]
     assert len(errors) == 1, stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
@@ -128,3 +132,31 @@ def test_manifest_conflict_and_busy_state_dir(swarm):
     code, err, _ = run_peer("--join", address, "--state-dir", str(first.state_dir))
     assert_one_line_error(code, err, "is in use by another running peer", "its own --state-dir")
     assert first.alive()
+
+
+def run_coordinator(*args: str, timeout: float = 90) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)  # fmt: skip
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_coordinator_bad_input(tmp_path):
+    unreachable = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{PEER_ID}"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    code, err = run_coordinator()
+    assert_one_line_error(code, err, "--join is required")
+    code, err = run_coordinator("--join", unreachable, "--checkpoint-dir", str(blocker / "ckpt"))
+    assert_one_line_error(code, err, "--checkpoint-dir", "not writable")
+    assert blocker.read_text() == "keep me"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_coordinator("--join", unreachable, "--http-port", str(port), "--checkpoint-dir",
+                                    str(tmp_path / "c"), "--state-dir", str(tmp_path / "s"))  # fmt: skip
+    assert_one_line_error(code, err, f"--http-port {port}", "pick a free port")
+    code, err = run_coordinator("--join", unreachable, "--http-port", "0", "--checkpoint-dir", str(tmp_path / "c"),
+                                "--state-dir", str(tmp_path / "s"), "--startup-timeout", "20")  # fmt: skip
+    assert_one_line_error(code, err, "could not reach any peer at")

@@ -109,6 +109,15 @@ def test_coordinator_metrics_checkpoints_and_restart(swarm, tmp_path, monkeypatc
     assert again["mlm_accuracy"] == pytest.approx(meta["eval_metrics"]["mlm_accuracy"], abs=1e-6)
     assert torch.isfinite(torch.tensor(again["mlm_loss"]))
 
+    # 5. a swarm restarted from zero starts from the checkpoint; a checkpoint of another run is refused
+    restarted = swarm.start("restarted", "--init-from", str(path), "--max-steps", str(held + 1))
+    assert restarted.wait(timeout=120) == 0, restarted.log_tail()
+    assert f"starting from checkpoint {path} (step {held})" in restarted.log_path.read_text()
+    assert saved_state(restarted)[1] == held + 1
+    other = swarm.start("other-run", "--init-from", str(path), "--lr", "1e-4")
+    assert other.wait(timeout=120) == 2
+    assert "--init-from" in other.log_path.read_text() and "checkpoint of another run" in other.log_path.read_text()
+
 
 def promtool_check_metrics(text: str) -> None:
     """``promtool check metrics`` (Debian's prometheus package; .ci/run installs it) must accept the exposition."""
