@@ -50,9 +50,12 @@ def fill_mask(checkpoints: Path) -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import pipeline
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     fill = pipeline("fill-mask", model=str(latest), tokenizer=str(latest))
-    guesses = ", ".join(f"{p['token_str']} ({p['score']:.2f})" for p in fill(SENTENCE))
+    guesses = ", ".join(f"{p['token_str']} ({p['score']:.3f})" for p in fill(SENTENCE))
     print(f"demo: fill-mask with {latest.name}: {SENTENCE!r} -> {guesses}", flush=True)
 
 
