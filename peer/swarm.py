@@ -6,6 +6,7 @@ become one-line ``UserError``s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +75,28 @@ def stop_dht(dht: hivemind.DHT, timeout: float = 5.0) -> None:
         dht.terminate()
         dht.join(timeout)
     dht._outer_pipe.close()
+
+
+@contextlib.contextmanager
+def keep_request_futures(dht: hivemind.DHT):
+    """Keep every future of a DHT request made inside this block alive until the block ends.
+
+    hivemind's ProgressTracker sends a fire-and-forget "goodbye" store at shutdown and drops its future at once; the
+    future's shared memory is then freed before the DHT process reads the request, which fails there with a
+    FileNotFoundError traceback. Holding the futures until ``stop_dht``'s barrier has run avoids that.
+    """
+    kept, original = [], dht.store
+
+    def store(*args, **kwargs):
+        result = original(*args, **kwargs)
+        kept.append(result)
+        return result
+
+    dht.store = store
+    try:
+        yield kept
+    finally:
+        del dht.store  # back to the class's method
 
 
 async def _noop(_dht, _node) -> None:

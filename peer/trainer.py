@@ -338,14 +338,22 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
 def _shutdown(trainer: Trainer | None, dht: hivemind.DHT, prepared: Prepared) -> None:
     """Save, then stop hivemind's processes and threads; each step runs even if an earlier one failed."""
     started = time.perf_counter()
-    steps = [] if trainer is None else [trainer.display.close, partial(trainer.checkpoint, force=True), trainer.close]
-    steps += [partial(swarm.stop_dht, dht), prepared.telemetry.close, prepared.state_dir.close]
-    for step in steps:
-        try:
-            step()
-        except Exception:
-            logger.exception("error while leaving the swarm (continuing shutdown)")
+    with swarm.keep_request_futures(dht):
+        steps = [] if trainer is None else [trainer.display.close, partial(trainer.checkpoint, force=True),
+                                            trainer.close]  # fmt: skip
+        steps += [partial(swarm.stop_dht, dht)]
+        for step in steps:
+            _run_shutdown_step(step)
+    for step in (prepared.telemetry.close, prepared.state_dir.close):
+        _run_shutdown_step(step)
     logger.info("left the swarm in %.1fs", time.perf_counter() - started)
+
+
+def _run_shutdown_step(step) -> None:
+    try:
+        step()
+    except Exception:
+        logger.exception("error while leaving the swarm (continuing shutdown)")
 
 
 def _pick_device(choice: str) -> torch.device:
