@@ -139,8 +139,20 @@ def setup_logging() -> None:
     # hivemind's background event loops leave pending tasks behind at shutdown; asyncio reports each one as an ERROR
     # with a traceback, which reads like a crash to volunteers. bertswarm's own code logs its failures itself.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("hivemind.dht.dht").addFilter(_drop_orphaned_request_errors)
     # hivemind advances the LR scheduler to the swarm's step after loading state, before any local optimizer step
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+
+
+def _drop_orphaned_request_errors(record: logging.LogRecord) -> bool:
+    """Hide one benign hivemind race (the filter is inherited by the forked DHT process).
+
+    When a process that sent a DHT request exits first (an averager at shutdown, say), the DHT process cannot unpickle
+    the request and logs an ERROR with a traceback: FileNotFoundError (the request's shared memory is gone),
+    ConnectionResetError or EOFError (its pipe is gone). Nobody waits for that request any more.
+    """
+    exc_type = record.exc_info[0] if record.exc_info else None
+    return not (exc_type is not None and issubclass(exc_type, (FileNotFoundError, ConnectionResetError, EOFError)))
 
 
 def main(argv: list[str] | None = None) -> int:
