@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 from peer import addresses
+from peer.config import setting
 from peer.errors import UserError
 
-
-def _opt(help: str, group: str = "coordinator", **kwargs):
-    metadata = {"help": help, "group": group}
-    if "metavar" in kwargs:
-        metadata["metavar"] = kwargs.pop("metavar")
-    return field(metadata=metadata, **kwargs)
+_opt = partial(setting, group="coordinator")  # fields without a group belong to the "coordinator" help section
 
 
 @dataclass

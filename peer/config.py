@@ -21,56 +21,53 @@ OPTIMIZERS = ("adamw", "lamb")
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
-def _opt(help: str, **kwargs):
-    """A dataclass field whose metadata carries the flag's help text (``cli.py`` builds argparse from it)."""
-    metadata = {"help": help}
-    if "metavar" in kwargs:
-        metadata["metavar"] = kwargs.pop("metavar")
-    if "group" in kwargs:
-        metadata["group"] = kwargs.pop("group")
+def setting(help: str, *, group: str = "peer", metavar: str | None = None, **kwargs):
+    """A dataclass field whose metadata carries the flag's help text, help group and metavar (``cli.py`` builds
+    argparse from it). Shared by the peer's and the coordinator's configs."""
+    metadata = {"help": help, "group": group, **({"metavar": metavar} if metavar else {})}
     return field(metadata=metadata, **kwargs)
 
 
 @dataclass
 class PeerConfig:
     # --- swarm -----------------------------------------------------------------------------------------------------
-    join: list[str] = _opt(
+    join: list[str] = setting(
         "multiaddr of any live peer to join through (repeatable); without it, start a new swarm",
         default_factory=list,
         metavar="MADDR",
         group="swarm",
     )
-    listen: list[str] = _opt(
+    listen: list[str] = setting(
         f"multiaddr to listen on (repeatable); default {DEFAULT_LISTEN} (loopback, random port). "
         "Use /ip4/0.0.0.0/tcp/PORT to accept peers from other machines",
         default_factory=list,
         metavar="MADDR",
         group="swarm",
     )
-    announce: list[str] = _opt(
+    announce: list[str] = setting(
         "multiaddr others should dial to reach you, e.g. /ip4/<public ip>/tcp/PORT (repeatable)",
         default_factory=list,
         metavar="MADDR",
         group="swarm",
     )
-    client_mode: bool = _opt(
+    client_mode: bool = setting(
         "behind NAT/firewall: accept no inbound connections (you train and average through others)",
         default=False,
         group="swarm",
     )
-    identity: str | None = _opt(
+    identity: str | None = setting(
         "private key file that fixes this peer's id across restarts (default: <state-dir>/identity.key)",
         default=None,
         metavar="PATH",
         group="swarm",
     )
-    state_dir: str = _opt(
+    state_dir: str = setting(
         "directory for this peer's identity and saved training state (one per peer process)",
         default="bertswarm-state",
         metavar="DIR",
         group="swarm",
     )
-    startup_timeout: float = _opt(
+    startup_timeout: float = setting(
         "seconds to wait for the bootstrap peer and the run manifest before giving up",
         default=30.0,
         metavar="SECONDS",
@@ -78,83 +75,85 @@ class PeerConfig:
     )
 
     # --- run (shared by all peers through the manifest) ---------------------------------------------------------
-    run_id: str | None = _opt(
+    run_id: str | None = setting(
         "name of the training run (DHT key prefix); a joiner adopts the run it finds (default: bertswarm)",
         default=None,
         group="run",
     )
-    preset: str = _opt(f"model size, one of {', '.join(PRESETS)}", default="tiny", group="run")
-    data: list[str] = _opt(
+    preset: str = setting(f"model size, one of {', '.join(PRESETS)}", default="tiny", group="run")
+    data: list[str] = setting(
         "training text: files, directories or globs of .txt / .jsonl (field 'text'), or hf:NAME[:CONFIG][:SPLIT]; "
         "default: the embedded corpus",
         default_factory=list,
         metavar="PATH",
         group="run",
     )
-    tokenizer: str | None = _opt(
+    tokenizer: str | None = setting(
         "WordPiece vocab.txt or tokenizer.json (default: the shipped 8192-token uncased vocab)",
         default=None,
         metavar="PATH",
         group="run",
     )
-    seq_len: int = _opt("tokens per training sequence", default=128, group="run")
-    mlm_probability: float = _opt("share of tokens masked for MLM", default=0.15, group="run")
-    nsp: bool = _opt("also train next-sentence prediction (BertForPreTraining)", default=False, group="run")
-    target_batch_size: int | None = _opt(
+    seq_len: int = setting("tokens per training sequence", default=128, group="run")
+    mlm_probability: float = setting("share of tokens masked for MLM", default=0.15, group="run")
+    nsp: bool = setting("also train next-sentence prediction (BertForPreTraining)", default=False, group="run")
+    target_batch_size: int | None = setting(
         "samples the whole swarm accumulates per optimizer step (default: per preset)", default=None, group="run"
     )
-    optimizer: str = _opt(f"one of {', '.join(OPTIMIZERS)}", default="adamw", group="run")
-    lr: float | None = _opt("peak learning rate (default: per preset)", default=None, group="run")
-    weight_decay: float = _opt("decoupled weight decay", default=0.01, group="run")
-    max_grad_norm: float = _opt("clip the averaged gradient to this global L2 norm (0 = off)", default=1.0, group="run")
-    warmup_steps: int = _opt("global steps of linear LR warm-up", default=50, group="run")
-    total_steps: int = _opt("global steps until the LR has decayed linearly to zero", default=10000, group="run")
+    optimizer: str = setting(f"one of {', '.join(OPTIMIZERS)}", default="adamw", group="run")
+    lr: float | None = setting("peak learning rate (default: per preset)", default=None, group="run")
+    weight_decay: float = setting("decoupled weight decay", default=0.01, group="run")
+    max_grad_norm: float = setting(
+        "clip the averaged gradient to this global L2 norm (0 = off)", default=1.0, group="run"
+    )
+    warmup_steps: int = setting("global steps of linear LR warm-up", default=50, group="run")
+    total_steps: int = setting("global steps until the LR has decayed linearly to zero", default=10000, group="run")
 
     # --- this peer ------------------------------------------------------------------------------------------------
-    init_from: str | None = _opt(
+    init_from: str | None = setting(
         "start a new swarm from a published checkpoint (directory or coordinator URL) instead of random weights; "
         "its manifest must match this run",
         default=None,
         metavar="DIR|URL",
         group="run",
     )
-    batch_size: int | None = _opt(
+    batch_size: int | None = setting(
         "samples per local forward/backward pass (default: per preset)", default=None, group="peer"
     )
-    device: str = _opt(f"one of {', '.join(DEVICES)}", default="auto", group="peer")
-    threads: int | None = _opt("torch CPU threads (default: torch's choice)", default=None, group="peer")
-    seed: int | None = _opt(
+    device: str = setting(f"one of {', '.join(DEVICES)}", default="auto", group="peer")
+    threads: int | None = setting("torch CPU threads (default: torch's choice)", default=None, group="peer")
+    seed: int | None = setting(
         "seed of this peer's data order and masking (default: derived from peer id)", default=None, group="peer"
     )
-    matchmaking_time: float = _opt(
+    matchmaking_time: float = setting(
         "seconds to gather a group before averaging; raise it (e.g. 5-15) if rounds fail on slow networks",
         default=3.0,
         metavar="SECONDS",
         group="peer",
     )
-    averaging_timeout: float = _opt(
+    averaging_timeout: float = setting(
         "seconds an averaging round may take before this peer falls back to its local gradients",
         default=30.0,
         metavar="SECONDS",
         group="peer",
     )
-    metrics_port: int | None = _opt(
+    metrics_port: int | None = setting(
         "serve Prometheus metrics on this port (0 = any free port; default: off)",
         default=None,
         metavar="PORT",
         group="peer",
     )
-    metrics_host: str = _opt("address of the metrics endpoint", default="127.0.0.1", group="peer")
-    max_steps: int | None = _opt(
+    metrics_host: str = setting("address of the metrics endpoint", default="127.0.0.1", group="peer")
+    max_steps: int | None = setting(
         "leave cleanly once the swarm's global optimizer step reaches N", default=None, metavar="N", group="peer"
     )
-    save_every: float = _opt(
+    save_every: float = setting(
         "seconds between saves of local training state (0 = only at exit)",
         default=120.0,
         metavar="SECONDS",
         group="peer",
     )
-    log_every: float = _opt("seconds between progress reports", default=5.0, metavar="SECONDS", group="peer")
+    log_every: float = setting("seconds between progress reports", default=5.0, metavar="SECONDS", group="peer")
 
     def validate(self) -> PeerConfig:
         """Check every value; raise ``UserError`` naming the flag, the bad value and what is allowed."""
