@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_PEERS ?= 3
 DEMO_SECONDS ?= 180
+MONITOR_LISTEN ?= 127.0.0.1:9090
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo monitor test lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,16 +26,20 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(PY) -m coordinator.demo --peers $(DEMO_PEERS) --seconds $(DEMO_SECONDS) --workdir demo-state
 
+# Prometheus (Debian's prometheus package) scraping make demo's swarm; run make demo in another terminal
+monitor: setup
+	$(PY) -m monitoring.local --peers $(DEMO_PEERS) --listen $(MONITOR_LISTEN)
+
 test: setup
-	$(PY) -m ruff check peer coordinator tests tools
-	$(PY) -m ruff format --check peer coordinator tests tools
+	$(PY) -m ruff check peer coordinator monitoring tests tools
+	$(PY) -m ruff format --check peer coordinator monitoring tests tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check peer coordinator tests tools
+	$(PY) -m ruff check peer coordinator monitoring tests tools
 
 format: setup
-	$(PY) -m ruff format peer coordinator tests tools
+	$(PY) -m ruff format peer coordinator monitoring tests tools
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache .ruff_cache

@@ -33,6 +33,8 @@ class SwarmMetrics:
         self.checkpoints = Counter(names.CHECKPOINTS, "Checkpoint attempts by outcome", ["outcome"], registry=r)
         for outcome in ("published", "failed"):
             self.checkpoints.labels(outcome)
+        for gauge in (self.eval_loss, self.eval_accuracy, self.checkpoint_epoch, self.checkpoint_write_seconds):
+            gauge.set(math.nan)  # "no checkpoint yet", not a loss of 0 in the dashboards
         self.last_checkpoint_time: float | None = None
         self.checkpoint_age.set_function(
             lambda: time.time() - self.last_checkpoint_time if self.last_checkpoint_time else math.nan

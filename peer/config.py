@@ -61,6 +61,12 @@ class PeerConfig:
         metavar="PATH",
         group="swarm",
     )
+    address_file: str | None = setting(
+        "once connected, write this peer's join address to PATH (atomically), for scripts and containers",
+        default=None,
+        metavar="PATH",
+        group="swarm",
+    )
     state_dir: str = setting(
         "directory for this peer's identity and saved training state (one per peer process)",
         default="bertswarm-state",
@@ -187,6 +193,8 @@ class PeerConfig:
             raise UserError("--init-from starts a new swarm; a joining peer takes the swarm's state, drop one of them")
         if self.client_mode and self.announce:
             raise UserError("--client-mode accepts no inbound connections, so --announce makes no sense; drop one")
+        if self.address_file is not None and not Path(self.address_file).expanduser().parent.is_dir():
+            raise UserError(f"--address-file {self.address_file}: its directory does not exist; create it first")
         if self.batch_size and self.target_batch_size and self.batch_size > self.target_batch_size:
             raise UserError(
                 f"--batch-size {self.batch_size} exceeds --target-batch-size {self.target_batch_size}; lower it"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,3 +110,15 @@ def join_addresses(dht: hivemind.DHT) -> list[str]:
     peer_suffix = f"/p2p/{dht.peer_id}"
     addrs = [a if "/p2p/" in a else a + peer_suffix for a in addrs]
     return sorted(set(addrs), key=lambda a: ("/ip4/127." in a or "/ip6/::1/" in a, "/ip6/" in a, a))
+
+
+def write_address_file(path: str, address: str) -> None:
+    """Write the join address to ``path`` atomically, so a reader (a container entrypoint) never sees half a line."""
+    target = Path(path).expanduser()
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(address + "\n")
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"--address-file {path}: cannot write it ({e.strerror}); pick a writable path") from None

@@ -325,6 +325,8 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
         dht.add_validators(validators)
         logger.info("run %s, manifest %s", run_manifest.run_id, run_manifest.fingerprint[:12])
         addresses = swarm.join_addresses(dht)
+        if cfg.address_file:  # before the join line, so whoever saw the line finds the file
+            swarm.write_address_file(cfg.address_file, addresses[0])
         print(f"bertswarm-peer --join {addresses[0]}", file=out, flush=True)
         trainer = Trainer(cfg, prepared, dht, run_manifest)
         stop.install()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start; undo that

@@ -1,0 +1,102 @@
+"""A real Prometheus scrapes a live swarm (2 peers and the coordinator) with monitoring/'s rules loaded; then every
+PromQL expression of every dashboard panel must return at least one series, every alert's signal must return data
+and no alert may fire on the healthy swarm."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from monitoring import build, local
+from tests.integration.conftest import free_port
+from tests.unit.test_monitoring import dashboard_exprs
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
+
+RATE_WINDOW = "30s"  # what Grafana's $__rate_interval becomes here: the test scrapes every second
+
+
+def prometheus_binary() -> None:
+    if shutil.which("prometheus") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the prometheus binary is missing in CI; .ci/run installs Debian's prometheus package")
+        pytest.skip("prometheus not installed (apt-get install prometheus); CI runs this test")
+
+
+class PrometheusAPI:
+    def __init__(self, address: str):
+        self.base = f"http://{address}/api/v1/"
+
+    def get(self, path: str, **params) -> dict:
+        url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        return self.get("query", query=expr)["result"]
+
+
+def grafana_to_promql(expr: str) -> str:
+    return expr.replace("$__rate_interval", RATE_WINDOW).replace('"$instance"', '".+"')
+
+
+def test_prometheus_sees_every_panel_and_rule_on_a_live_swarm(swarm, tmp_path):
+    prometheus_binary()
+    first = swarm.start("peer-0")
+    first.wait_for_join_address(timeout=90)
+    second = swarm.start("peer-1", join=first)
+    coordinator = swarm.start_coordinator("coordinator", "--checkpoint-every", "2", "--tick", "1",
+                                          "--checkpoint-dir", str(tmp_path / "checkpoints"), join=first)  # fmt: skip
+    listen = f"127.0.0.1:{free_port()}"
+    config = local.prometheus_config(
+        [f"127.0.0.1:{swarm.ports[coordinator.name]}"],
+        [f"127.0.0.1:{swarm.ports[p.name]}" for p in (first, second)],
+        interval="1s",
+    )
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prometheus = local.start_prometheus(config, tmp_path / "prometheus", listen, log=log)
+    api = PrometheusAPI(listen)
+    try:
+        swarm.wait_until("prometheus to answer", lambda: api.get("status/buildinfo"), timeout=60)
+        swarm.wait_until("all three targets up", lambda: len(api.query("up == 1")) == 3, timeout=90)
+        # a published checkpoint (eval and checkpoint metrics) and averaging rounds on both peers
+        swarm.wait_until("a checkpoint", lambda: api.query(f"{build.m.CHECKPOINT_EPOCH} >= 2"), timeout=200)
+
+        pending = {where: grafana_to_promql(expr) for where, expr in dashboard_exprs()}
+        for where, expr in list(pending.items()):  # label_values(metric, label): the metric carries the label
+            if expr.startswith("label_values("):
+                metric, label = expr[len("label_values(") : -1].split(", ")
+                pending[where] = f"count by ({label}) ({metric})"
+        signals = {f"alert {a.name} signal": a.signal for a in build.ALERTS}
+
+        def all_have_series():
+            for where, expr in list({**pending, **signals}.items()):
+                if api.query(expr):
+                    pending.pop(where, None)
+                    signals.pop(where, None)
+            return not pending and not signals
+
+        try:
+            swarm.wait_until("a series for every query", all_have_series, timeout=120, interval=2)
+        except AssertionError:
+            raise AssertionError(f"queries without any series: {sorted({**pending, **signals}.items())}") from None
+
+        instances = {r["metric"]["instance"] for r in api.query(f"count by (instance) ({build.m.PEER_EPOCH})")}
+        assert len(instances) == 2  # the "My peer" picker offers both peers
+
+        rules = {r["name"]: r for g in api.get("rules")["groups"] for r in g["rules"]}
+        assert set(rules) == {a.name for a in build.ALERTS}
+        assert all(r["health"] == "ok" for r in rules.values()), rules
+        for alert in build.ALERTS:  # a healthy swarm raises no alert
+            assert api.query(alert.expr) == [], alert.name
+        assert api.get("alerts")["alerts"] == []
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
