@@ -17,12 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from monitoring import local
 from peer import telemetry as m
 from peer.schema import MAX_LOSS
 
 HERE = Path(__file__).resolve().parent
 DASHBOARD_DIR = HERE / "grafana" / "dashboards"
-RULES_PATH = HERE / "prometheus" / "rules.yml"
+RULES_PATH = local.RULES_PATH
 DATASOURCE = {"type": "prometheus", "uid": "bertswarm-prometheus"}
 RATE = "$__rate_interval"  # Grafana's window for rate(): at least four scrape intervals
 PEER = 'instance=~"$instance"'  # the "My peer" dashboard's peer picker
