@@ -31,15 +31,20 @@ monitor: setup
 	$(PY) -m monitoring.local --peers $(DEMO_PEERS) --listen $(MONITOR_LISTEN)
 
 test: setup
-	$(PY) -m ruff check peer coordinator monitoring tests tools
-	$(PY) -m ruff format --check peer coordinator monitoring tests tools
+	$(PY) -m ruff check peer coordinator monitoring tests tools bench
+	$(PY) -m ruff format --check peer coordinator monitoring tests tools bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check peer coordinator monitoring tests tools
+	$(PY) -m ruff check peer coordinator monitoring tests tools bench
 
 format: setup
-	$(PY) -m ruff format peer coordinator monitoring tests tools
+	$(PY) -m ruff format peer coordinator monitoring tests tools bench
+
+# Side-by-side benchmarks (swarm vs single process vs DDP): bench/results/*.json and docs/performance.md.
+# BENCH_ARGS='--quick' for a smoke run, BENCH_ARGS='--only throughput' for one scenario.
+bench: setup
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache .ruff_cache

@@ -23,6 +23,7 @@ from functools import partial
 import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage
+from hivemind.compression import CompressionBase, NoCompression
 from hivemind.optim.grad_averager import GradientAverager
 
 from peer.manifest import RunManifest
@@ -220,6 +221,7 @@ def make_optimizer(
     averaging_timeout: float,
     on_round: Callable[[str, int, float], None] | None = None,
     on_state_loaded: Callable[[float], None] | None = None,
+    grad_compression: CompressionBase | None = None,
 ) -> SwarmOptimizer:
     """Wrap the model's parameters in the swarm optimizer; every peer of the run uses exactly this construction."""
     # hivemind warns (and can deadlock in rare cases) unless a leader's reply timeout is below the matchmaking time
@@ -248,6 +250,7 @@ def make_optimizer(
         # left the one peer that had never loaded state with a third of the swarm's moments (3 peers, measured).
         averager_opts=dict(request_timeout=request_timeout),
         grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
+        grad_compression=grad_compression if grad_compression is not None else NoCompression(),
         # progress records of peers that vanished expire after 20 s (hivemind's default 60 s stalls joiners longer)
         tracker_opts=dict(
             min_refresh_period=0.5, max_refresh_period=3.0, default_refresh_period=1.0, metadata_expiration=20.0

@@ -1,0 +1,146 @@
+"""Launch one arm of a training benchmark (swarm / single / DDP) as worker processes and collect their records."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from bench.common import Worker, free_port, workers_cleanup
+
+
+def _common(cfg: dict) -> list[str]:
+    out = []
+    for key in (
+        "preset",
+        "seq_len",
+        "batch",
+        "target",
+        "warmup",
+        "steps",
+        "matchmaking_time",
+        "averaging_timeout",
+        "compression",
+    ):
+        if cfg.get(key) is not None:
+            out += [f"--{key.replace('_', '-')}", str(cfg[key])]
+    if cfg.get("eval"):
+        out.append("--eval")
+    return out
+
+
+def run_swarm(workdir: Path, cfg: dict, peers: int, timeout: float, hosts=None, prefixes=None) -> list[dict]:
+    """``peers`` swarm peers (1 thread each); ``hosts``/``prefixes`` place peer i at an address / in a netns."""
+    name = f"swarm{peers}-{uuid.uuid4().hex[:6]}"
+    out = workdir / name
+    hosts = hosts or ["127.0.0.1"] * peers
+    prefixes = prefixes or [()] * peers
+    workers: list[Worker] = []
+    with workers_cleanup(workers):
+        join = None
+        for i in range(peers):
+            args = [
+                "-m",
+                "bench.train_worker",
+                "swarm",
+                "--out",
+                str(out),
+                "--name",
+                f"peer{i}",
+                "--index",
+                str(i),
+                "--peers",
+                str(peers),
+                "--run-id",
+                name.replace("-", "_"),
+                "--host",
+                hosts[i],
+                *_common(cfg),
+            ]
+            if join:
+                args += ["--join", join]
+            workers.append(Worker(args, out / f"peer{i}.log", threads=1, prefix=prefixes[i]))
+            if join is None:
+                join = workers[0].wait_line("ADDRESS", timeout=60)
+        for w in workers:
+            w.wait_line("DONE", timeout=timeout)
+    return [
+        json.loads((out / f"peer{i}.json").read_text()) | {"path": str(out / f"peer{i}.json")} for i in range(peers)
+    ]
+
+
+def run_single(workdir: Path, cfg: dict, threads: int, timeout: float, replay: list[str] | None = None) -> dict:
+    name = f"single-{uuid.uuid4().hex[:6]}"
+    out = workdir / name
+    args = [
+        "-m",
+        "bench.train_worker",
+        "single",
+        "--out",
+        str(out),
+        "--name",
+        "single",
+        "--threads",
+        str(threads),
+        *_common(cfg),
+    ]
+    if replay:
+        args += ["--replay", *replay]
+    workers = [Worker(args, out / "single.log", threads=threads)]
+    with workers_cleanup(workers):
+        workers[0].wait_line("DONE", timeout=timeout)
+    return json.loads((out / "single.json").read_text())
+
+
+def run_ddp(workdir: Path, cfg: dict, ranks: int, timeout: float, hosts=None, prefixes=None, env=None) -> list[dict]:
+    name = f"ddp{ranks}-{uuid.uuid4().hex[:6]}"
+    out = workdir / name
+    hosts = hosts or ["127.0.0.1"] * ranks
+    prefixes = prefixes or [()] * ranks
+    port = free_port()
+    workers: list[Worker] = []
+    with workers_cleanup(workers):
+        for i in range(ranks):
+            args = [
+                "-m",
+                "bench.train_worker",
+                "ddp",
+                "--out",
+                str(out),
+                "--name",
+                f"rank{i}",
+                "--index",
+                str(i),
+                "--peers",
+                str(ranks),
+                "--host",
+                hosts[0],
+                "--master-port",
+                str(port),
+                *_common(cfg),
+            ]
+            workers.append(
+                Worker(args, out / f"rank{i}.log", threads=1, prefix=prefixes[i], env=(env or [{}] * ranks)[i])
+            )
+        for w in workers:
+            w.wait_line("DONE", timeout=timeout)
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in range(ranks)]
+
+
+def steps_per_second(records: list[dict], first: int = 1) -> tuple[float, int]:
+    """Global steps per second between the first time any process reached step ``first`` and the last step reached
+    by all; excludes start-up and the first step (hivemind's tracker warms up). Returns (steps/s, steps measured)."""
+    reached: dict[int, float] = {}
+    for r in records:
+        for t, epoch in r["steps"]:
+            reached[epoch] = min(t, reached.get(epoch, t))
+    last = min(max(e for _, e in r["steps"]) for r in records)
+    if last <= first or first not in reached:
+        return float("nan"), 0
+    return (last - first) / (reached[last] - reached[first]), last - first
+
+
+def samples_per_second(records: list[dict], target: int, first: int = 1) -> float:
+    """Useful samples/s: global steps/s × the global batch (samples a peer adds beyond the target are not counted)."""
+    rate, _ = steps_per_second(records, first)
+    return rate * target

@@ -1,0 +1,173 @@
+"""Averaging-round micro-benchmark processes: hivemind ``DecentralizedAverager`` peers over tensors shaped like a
+model's gradients, a gloo all-reduce of the same bytes, and a loopback socket throughput probe.
+
+python -m bench.avg_worker hivemind --index I --peers N --preset P --compressions none,fp16 --rounds R --out F \
+    [--join A]
+python -m bench.avg_worker gloo --index I --peers N --preset P --rounds R --port PORT --out F
+python -m bench.avg_worker probe --port PORT --megabytes M      (receiver; the sender runs in the scenario process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import process_tree_hwm_bytes
+
+BYTES_PER_ELEMENT = {"none": 4.0, "fp16": 2.0, "int8": 1.0}
+
+
+def gradient_shapes(preset: str) -> list[torch.Size]:
+    """Shapes of the trainable tensors of the preset's model (built on the meta device: no memory, no init time)."""
+    from transformers import BertForMaskedLM
+
+    from bench.workload import make_manifest
+    from peer.model import bert_config
+
+    with torch.device("meta"):
+        model = BertForMaskedLM(bert_config(make_manifest("shapes", preset).model))
+    return [p.shape for p in model.parameters()]
+
+
+def hivemind_peer(args) -> None:
+    import hivemind
+    from hivemind.averaging.control import AveragingStage
+
+    from bench.train_worker import compression
+
+    dht = hivemind.DHT(
+        initial_peers=[args.join] if args.join else None, host_maddrs=[f"/ip4/{args.host}/tcp/0"], start=True
+    )
+    print("ADDRESS", str(dht.get_visible_maddrs()[0]), flush=True)
+    shapes = gradient_shapes(args.preset)
+    g = torch.Generator().manual_seed(args.index)
+    averagers = {}
+    for name in args.compressions.split(","):
+        tensors = [torch.randn(s, generator=g) for s in shapes]
+        averagers[name] = hivemind.averaging.DecentralizedAverager(
+            tensors,
+            dht,
+            prefix=f"bench_{name}",
+            target_group_size=args.peers,
+            min_group_size=args.peers,
+            min_matchmaking_time=1.0,
+            request_timeout=0.5,
+            compression=compression(name),
+            start=True,
+        )
+    rounds = {name: [] for name in averagers}
+    try:
+        for _ in range(args.rounds):
+            for name, averager in averagers.items():  # interleaved: compressions alternate within the run
+                called = time.perf_counter()
+                control = averager.step(wait=False, timeout=60)
+                began = None
+                while not control.done():
+                    if began is None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
+                        began = time.perf_counter()
+                    time.sleep(0.0005)
+                ended = time.perf_counter()
+                ok = control.exception() is None
+                rounds[name].append(
+                    {
+                        "ok": ok,
+                        "allreduce_s": ended - (began or called),
+                        "total_s": ended - called,
+                        "group": len(control.result()) if ok else 0,
+                    }
+                )
+        result = {
+            "numel": sum(s.numel() for s in shapes),
+            "rounds": rounds,
+            "peak_rss_bytes": process_tree_hwm_bytes(_pid()),
+        }
+        Path(args.out).write_text(json.dumps(result))
+        print("DONE", flush=True)
+    finally:
+        for averager in averagers.values():
+            averager.shutdown()
+        dht.shutdown()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def gloo_rank(args) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR=args.host, MASTER_PORT=str(args.port))
+    dist.init_process_group("gloo", rank=args.index, world_size=args.peers)
+    numel = sum(s.numel() for s in gradient_shapes(args.preset))
+    flat = {"fp32": torch.randn(numel), "fp16": torch.randn(numel).half()}
+    times = {k: [] for k in flat}
+    for _ in range(args.rounds):
+        for name, tensor in flat.items():
+            dist.barrier()
+            started = time.perf_counter()
+            dist.all_reduce(tensor)
+            times[name].append(time.perf_counter() - started)
+    dist.barrier()
+    dist.destroy_process_group()
+    Path(args.out).write_text(json.dumps({"numel": numel, "times": times}))
+    print("DONE", flush=True)
+
+
+def probe_receiver(args) -> None:
+    """Accept one connection and read until EOF; the sender times the transfer."""
+    with socket.socket() as server:
+        server.bind((args.host, args.port))
+        server.listen(1)
+        print("LISTENING", flush=True)
+        conn, _ = server.accept()
+        with conn:
+            buf = bytearray(4 << 20)
+            while conn.recv_into(buf):
+                pass
+            conn.sendall(b"k")
+    print("DONE", flush=True)
+
+
+def probe_send(host: str, port: int, megabytes: int) -> float:
+    """Bytes/s of one TCP stream to a receiver process (until it has read everything)."""
+    chunk = b"\0" * (4 << 20)
+    total = megabytes << 20
+    with socket.create_connection((host, port)) as s:
+        started = time.perf_counter()
+        sent = 0
+        while sent < total:
+            s.sendall(chunk)
+            sent += len(chunk)
+        s.shutdown(socket.SHUT_WR)
+        s.recv(1)
+        return sent / (time.perf_counter() - started)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=("hivemind", "gloo", "probe"))
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--peers", type=int, default=2)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--compressions", default="none,fp16,int8")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--join", default=None)
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    {"hivemind": hivemind_peer, "gloo": gloo_rank, "probe": probe_receiver}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""One training process of a benchmark arm: a swarm peer (the product's ``make_optimizer``), the single-process
+reference, or one DDP rank. All three use the same manifest, model, batch streams and optimizer math; each records
+``(wall time, global step)`` after every optimizer step and writes ``<out>/<name>.json``.
+
+Usage: python -m bench.train_worker MODE --out DIR --name NAME [options]   (MODE: swarm | single | ddp)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from hivemind.utils import ValueWithExpiration, get_dht_time
+
+from bench import workload
+from peer.optim import is_finite_gradient, make_optimizer, optimizer_factory, param_groups, scheduler_factory
+
+COMPRESSIONS = ("none", "fp16", "int8")
+
+
+def compression(name: str):
+    from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+
+    return {"none": NoCompression, "fp16": Float16Compression, "int8": Uniform8BitQuantization}[name]()
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=("swarm", "single", "ddp"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--run-id", default="bench")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--target", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--index", type=int, default=0, help="swarm peer index / DDP rank")
+    p.add_argument("--peers", type=int, default=1, help="swarm size / DDP world size")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--join", default=None)
+    p.add_argument("--master-port", type=int, default=0)
+    p.add_argument("--matchmaking-time", type=float, default=None)
+    p.add_argument("--averaging-timeout", type=float, default=None)
+    p.add_argument("--compression", choices=COMPRESSIONS, default=None)
+    p.add_argument("--replay", type=Path, nargs="*", default=None, help="single: replay these swarm records")
+    p.add_argument("--eval", action="store_true", help="held-out MLM loss at the end")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    run = workload.make_manifest(args.run_id, args.preset, args.seq_len, args.target, args.warmup)
+    model = workload.model_for(run)
+    result = {"mode": args.mode, "name": args.name, "index": args.index, "peers": args.peers, "steps": []}
+    started = time.time()
+    if args.mode == "swarm":
+        swarm(args, run, model, result)
+    elif args.mode == "single":
+        single(args, run, model, result)
+    else:
+        ddp(args, run, model, result)
+    result["wall_s"] = time.time() - started
+    if args.eval:
+        result["heldout_loss"] = workload.heldout_loss(model, run)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result))
+    print("DONE", flush=True)
+
+
+def swarm(args, run, model, result) -> None:
+    from peer.config import PeerConfig
+    from peer.swarm import join_addresses, start_dht, stop_dht
+
+    defaults = PeerConfig()
+    matchmaking = args.matchmaking_time or defaults.matchmaking_time
+    timeout = args.averaging_timeout or defaults.averaging_timeout
+    cfg = PeerConfig(
+        join=[args.join] if args.join else [],
+        listen=[f"/ip4/{args.host}/tcp/0"],
+        state_dir=str(args.out / f"state-{args.name}"),
+    )
+    dht = start_dht(cfg)
+    print("ADDRESS", join_addresses(dht)[0], flush=True)
+    extra = {} if args.compression is None else {"grad_compression": compression(args.compression)}
+    rounds, loads = [], [0]
+    opt = make_optimizer(
+        model,
+        run,
+        dht,
+        batch_size=args.batch,
+        matchmaking_time=matchmaking,
+        averaging_timeout=timeout,
+        on_round=lambda outcome, size, seconds: rounds.append([outcome, size, seconds]),
+        on_state_loaded=lambda seconds: loads.__setitem__(0, loads[0] + 1),
+        **extra,
+    )
+    try:
+        _wait_for_peers(dht, args)
+        batches = workload.stream(run, args.batch, workload.peer_seed(args.index))
+        contributions: dict[int, list[int]] = {}
+        pending: list[int] = []
+        k = 0
+        while opt.local_epoch < args.steps:
+            loss = model(**next(batches)).loss
+            loss.backward()
+            if not math.isfinite(float(loss)) or not is_finite_gradient(model):
+                opt.zero_grad()
+                k += 1
+                continue
+            epoch, loads_before = opt.local_epoch, loads[0]
+            opt.step()
+            opt.zero_grad()
+            if loads[0] != loads_before:
+                pending = []  # local progress was discarded while catching up
+            else:
+                pending.append(k)
+                if opt.local_epoch > epoch:
+                    contributions[epoch] = pending
+                    pending = []
+                    result["steps"].append([time.time(), opt.local_epoch])
+            k += 1
+        result.update(rounds=rounds, state_loads=loads[0], contributions=contributions, micro_batches=k)
+    finally:
+        opt.shutdown()
+        stop_dht(dht)
+
+
+def _wait_for_peers(dht, args) -> None:
+    """Start together: hivemind's progress tracker only sees peers that have reported samples."""
+    key = f"{args.run_id}_bench_ready"
+    dht.store(key, True, get_dht_time() + 600, subkey=args.index)
+    deadline = time.monotonic() + 120
+    while len((dht.get(key, latest=True) or ValueWithExpiration({}, 0)).value) < args.peers:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the other peers never showed up")
+        time.sleep(0.1)
+
+
+def _optimizer(run, model):
+    opt = optimizer_factory(run)(param_groups(model, run.weight_decay))
+    return opt, scheduler_factory(run)(opt)
+
+
+def single(args, run, model, result) -> None:
+    """Gradient of the mean loss over the global batch, then the run's optimizer (clipping, schedule) once."""
+    opt, sched = _optimizer(run, model)
+    if args.replay:
+        plan, batches = _replay_plan(args, run)
+    else:
+        stream = workload.stream(run, args.batch, workload.peer_seed(0))
+        n = run.target_batch_size // args.batch
+        plan = [[(0, None)] * n for _ in range(args.steps)]
+        batches = {0: stream}
+    for micro in plan:
+        for peer, k in micro:
+            batch = next(batches[peer]) if k is None else batches[peer].get(k)
+            (model(**batch).loss / len(micro)).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        result["steps"].append([time.time(), len(result["steps"]) + 1])
+    result["samples"] = sum(len(m) for m in plan) * args.batch
+
+
+class _Indexed:
+    """Micro-batch ``k`` of one peer's deterministic stream (the k-th ``next()``), generated in order and cached."""
+
+    def __init__(self, stream):
+        self.stream, self.cache, self.next_k = stream, {}, 0
+
+    def get(self, k: int):
+        while self.next_k <= k:
+            self.cache[self.next_k] = next(self.stream)
+            self.next_k += 1
+        return self.cache.pop(k)
+
+
+def _replay_plan(args, run):
+    records = [json.loads(p.read_text()) for p in args.replay]
+    steps = min(len(r["steps"]) for r in records)
+    plan = [
+        [(r["index"], k) for r in records for k in r["contributions"].get(str(epoch), [])] for epoch in range(steps)
+    ]
+    batches = {r["index"]: _Indexed(workload.stream(run, args.batch, workload.peer_seed(r["index"]))) for r in records}
+    return plan, batches
+
+
+def ddp(args, run, model, result) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR=args.host, MASTER_PORT=str(args.master_port))
+    dist.init_process_group("gloo", rank=args.index, world_size=args.peers)
+    try:
+        ddp_model = DistributedDataParallel(model)
+        opt, sched = _optimizer(run, model)
+        n = run.target_batch_size // args.batch // args.peers  # micro-batches per rank: same global batch
+        stream = workload.stream(run, args.batch, workload.peer_seed(args.index))
+        dist.barrier()
+        for _ in range(args.steps):
+            for i in range(n):
+                if i < n - 1:
+                    with ddp_model.no_sync():
+                        (ddp_model(**next(stream)).loss / n).backward()
+                else:
+                    (ddp_model(**next(stream)).loss / n).backward()  # all-reduce (mean over ranks) here
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            result["steps"].append([time.time(), len(result["steps"]) + 1])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

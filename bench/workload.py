@@ -1,0 +1,80 @@
+"""The benchmark workload, built from product code: the run manifest (``peer.manifest.from_config``), the model
+(``peer.model.build_model``), batches (``peer.batches.BatchStream`` over the embedded corpus) and held-out MLM loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from peer import corpus, manifest
+from peer.batches import BatchStream
+from peer.config import PeerConfig
+from peer.model import build_model
+from peer.tokenizer import default_tokenizer, tokenizer_fingerprint
+
+HELDOUT_BATCHES = 8
+HELDOUT_SEED = 12345
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    return default_tokenizer()
+
+
+@functools.lru_cache(maxsize=1)
+def documents() -> tuple[list[str], list[str]]:
+    return corpus.split_heldout(corpus.default_corpus())
+
+
+def make_manifest(
+    run_id: str, preset: str = "tiny", seq_len: int = 128, target: int | None = None, warmup: int = 50
+) -> manifest.RunManifest:
+    """The manifest a user's first peer would publish with these flags (``bertswarm-peer --preset ... ``)."""
+    tok = tokenizer()
+    cfg = PeerConfig(preset=preset, seq_len=seq_len, target_batch_size=target, warmup_steps=warmup)
+    run = manifest.from_config(cfg, run_id, tokenizer_fingerprint(tok), tok.get_vocab_size())
+    return dataclasses.replace(run, run_id=run_id)
+
+
+def model_for(run: manifest.RunManifest) -> torch.nn.Module:
+    return build_model(run.model, nsp=run.nsp, seed=run.init_seed).train()
+
+
+def stream(run: manifest.RunManifest, batch_size: int, seed: int) -> BatchStream:
+    train, _ = documents()
+    return BatchStream(
+        train,
+        tokenizer(),
+        seq_len=run.seq_len,
+        batch_size=batch_size,
+        mlm_probability=run.mlm_probability,
+        nsp=run.nsp,
+        seed=seed,
+    )
+
+
+def peer_seed(index: int) -> int:
+    """Data seed of swarm peer ``index`` (the single-process replay regenerates the same micro-batches)."""
+    return 1000 + index
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, run: manifest.RunManifest, batch_size: int = 32) -> float:
+    """Mean MLM loss on held-out documents (no peer trains on them), with fixed masking: the same for every arm."""
+    _, heldout = documents()
+    batches = BatchStream(
+        heldout,
+        tokenizer(),
+        seq_len=run.seq_len,
+        batch_size=batch_size,
+        mlm_probability=run.mlm_probability,
+        nsp=False,
+        seed=HELDOUT_SEED,
+    )
+    was_training = model.training
+    model.eval()
+    losses = [float(model(**next(batches)).loss) for _ in range(HELDOUT_BATCHES)]
+    model.train(was_training)
+    return sum(losses) / len(losses)

@@ -1,0 +1,76 @@
+"""The benchmark machinery (``bench/``) cannot rot: report generation, statistics, rate and traffic arithmetic, the
+replay of a swarm's micro-batches, and one real (tiny) single-process arm. No timed assertions."""
+
+import math
+
+import pytest
+import torch
+
+from bench import arms, averaging, report, workload
+from bench.common import summarize
+from bench.train_worker import _Indexed
+
+
+def test_summarize_ignores_failed_repetitions():
+    assert summarize([3.0, None, 1.0, float("nan"), 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert summarize([None])["n"] == 0
+
+
+def test_report_marks_goals_and_shows_median_and_spread(tmp_path):
+    result = {
+        "scenario": "throughput",
+        "title": "1. Throughput",
+        "reps": 3,
+        "machine": {"nproc": 2, "torch": "x", "hivemind": "1.1.12", "date": "today"},
+        "loadavg_1m": {"median": 1.2, "min": 1.0, "max": 1.5, "n": 4},
+        "duration_s": 60.0,
+        "rows": [
+            {"metric": "swarm ÷ single", "values": [0.9, 0.99, 0.95], "goal": ">= 0.97"},
+            {"metric": "swarm ÷ DDP", "values": [1.2, 1.1, 1.3], "goal": ">= 1.0"},
+            {"metric": "swarm samples/s", "values": [10.0, 12.0, 11.0], "unit": "samples/s"},
+        ],
+        "notes": ["a note"],
+    }
+    (tmp_path / "throughput.json").write_text(__import__("json").dumps(result))
+    doc = tmp_path / "performance.md"
+    report.write(tmp_path, doc)
+    text = doc.read_text()
+    assert "| swarm ÷ single | 0.950 | 0.900–0.990 | 3 | >= 0.97 | **missed** |" in text
+    assert "| swarm ÷ DDP | 1.200 | 1.100–1.300 | 3 | >= 1.0 | met |" in text
+    assert "| swarm samples/s | 11.0 samples/s | 10.0–12.0 | 3 |" in text
+    assert "hivemind 1.1.12" in text and "a note" in text
+    assert "## Goals" in text and text.count("**missed**") == 2  # once in the goals summary, once in the scenario
+
+
+def test_rates_count_whole_global_steps_after_the_first():
+    # two peers: step 1 reached at t=10 (first peer to get there), step 4 reached by both by t=16
+    records = [{"steps": [[10.0, 1], [12.0, 2], [14.0, 3], [16.0, 4]]}, {"steps": [[10.5, 1], [12.1, 2], [15.9, 4]]}]
+    steps_per_s, measured = arms.steps_per_second(records)
+    assert measured == 3 and steps_per_s == pytest.approx(3 / 5.9)
+    assert arms.samples_per_second(records, target=256) == pytest.approx(256 * 3 / 5.9)
+    assert math.isnan(arms.steps_per_second([{"steps": [[1.0, 1]]}])[0])
+
+
+def test_ideal_traffic_of_a_butterfly_all_reduce():
+    assert averaging.bytes_moved_per_peer(1000, 2, "none") == 4000  # half the vector out and back, twice: 2·½·4000
+    assert averaging.bytes_moved_per_peer(1000, 4, "fp16") == pytest.approx(2 * 0.75 * 2000)
+    assert averaging.bytes_moved_per_peer(1000, 4, "int8") == pytest.approx(2 * 0.75 * 1000)
+
+
+def test_replay_regenerates_each_peers_micro_batches():
+    run = workload.make_manifest("unit", seq_len=32)
+    expected = [next(s) for s in [workload.stream(run, 4, workload.peer_seed(1))] for _ in range(4)]
+    indexed = _Indexed(workload.stream(run, 4, workload.peer_seed(1)))
+    for k in (1, 3, 2):  # out of order, as contributions can be after a catch-up
+        batch = indexed.get(k)
+        assert all(torch.equal(batch[name], expected[k][name]) for name in expected[k])
+
+
+@pytest.mark.timeout(90)
+def test_single_process_arm_trains_the_global_batch(tmp_path):
+    cfg = dict(preset="tiny", seq_len=32, batch=8, target=16, warmup=1, steps=2, eval=True)
+    record = arms.run_single(tmp_path, cfg, threads=1, timeout=80)
+    assert [epoch for _, epoch in record["steps"]] == [1, 2]
+    assert record["samples"] == 2 * 16  # every step saw exactly the global batch
+    assert record["steps"][0][0] < record["steps"][1][0]
+    assert 0 < record["heldout_loss"] < math.log(8192) + 2  # an untrained model's MLM loss is about ln(vocab)
