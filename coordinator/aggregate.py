@@ -35,25 +35,47 @@ def peer_label(subkey: bytes) -> str:
     return hashlib.sha256(subkey).hexdigest()[:10]
 
 
-def aggregate(records: dict[bytes, PeerMetrics], now: float, stale_after: float) -> SwarmView:
-    """Swarm figures from the live records.
+OUTLIER_FACTOR = 4.0  # a peer's throughput and loss weight count for at most this multiple of the swarm's median
+
+
+def _capped(values: list[float]) -> float:
+    """The most any one peer's value may count for: OUTLIER_FACTOR x the median (low) of the positive values."""
+    positive = [v for v in values if v > 0]
+    return OUTLIER_FACTOR * statistics.median_low(positive) if len(positive) >= 2 else float("inf")
+
+
+def aggregate(
+    records: dict[bytes, PeerMetrics], now: float, stale_after: float, target_batch_size: int | None = None
+) -> SwarmView:
+    """Swarm figures from the live records, robust to a lying minority (each record is already schema-bounded).
 
     - records older than ``stale_after`` seconds drop out;
     - the swarm's epoch is the median (high) of the peers' epochs: honest peers are within one step of each other, so
       a minority claiming an absurd step cannot move it;
-    - the loss is the mean over all mini-batches of the last report interval (each peer weighted by its mini-steps).
+    - a peer's throughput and its loss weight (mini-steps) count for at most ``OUTLIER_FACTOR`` x the median;
+    - the loss is the mean over all mini-batches of the last report interval (each peer weighted by its mini-steps);
+      with 3 or more peers, a loss outside [median / 2, 2 x median] is left out (honest peers train the same model);
+    - with ``target_batch_size``, samples count for at most what the swarm's epochs hold: (epoch + 2) x target.
     """
     live = {k: r for k, r in records.items() if now - r.time <= stale_after}
     if not live:
         return SwarmView()
-    weighted = [(r.loss, r.mini_steps) for r in live.values() if r.mini_steps > 0]
+    epoch = int(statistics.median_high(r.epoch for r in live.values()))
+    sps_cap = _capped([r.samples_per_second for r in live.values()])
+    steps_cap = _capped([float(r.mini_steps) for r in live.values()])
+    weighted = [(r.loss, min(r.mini_steps, steps_cap)) for r in live.values() if r.mini_steps > 0]
+    if len(weighted) >= 3:
+        median_loss = statistics.median(loss for loss, _ in weighted)
+        weighted = [(loss, w) for loss, w in weighted if median_loss / 2 <= loss <= 2 * median_loss]
     steps = sum(w for _, w in weighted)
-    busiest = sorted(live.items(), key=lambda item: item[1].samples_per_second, reverse=True)[:MAX_PEER_LABELS]
+    samples_cap = (epoch + 2) * target_batch_size if target_batch_size else float("inf")
+    rates = {k: min(r.samples_per_second, sps_cap) for k, r in live.items()}
+    busiest = sorted(rates.items(), key=lambda item: item[1], reverse=True)[:MAX_PEER_LABELS]
     return SwarmView(
         peers=len(live),
-        epoch=int(statistics.median_high(r.epoch for r in live.values())),
-        samples_per_second=sum(r.samples_per_second for r in live.values()),
+        epoch=epoch,
+        samples_per_second=sum(rates.values()),
         loss=sum(loss * w for loss, w in weighted) / steps if steps else float("nan"),
-        samples=sum(r.samples_total for r in live.values()),
-        per_peer={peer_label(k): r.samples_per_second for k, r in busiest},
+        samples=int(min(sum(min(r.samples_total, samples_cap) for r in live.values()), samples_cap)),
+        per_peer={peer_label(k): sps for k, sps in busiest},
     )

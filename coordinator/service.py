@@ -46,7 +46,8 @@ class CoordinatorService:
 
     def read_metrics(self) -> SwarmView:
         records = read_swarm_metrics(self.dht, self.run.run_id)
-        self.view = aggregate(records, now=time.time(), stale_after=self.cfg.stale_after)
+        self.view = aggregate(records, now=time.time(), stale_after=self.cfg.stale_after,
+                              target_batch_size=self.run.target_batch_size)  # fmt: skip
         self.metrics.update(self.view)
         return self.view
 

@@ -26,6 +26,7 @@ from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionBase, NoCompression
 from hivemind.optim.grad_averager import GradientAverager
 
+from peer import guards
 from peer.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
@@ -35,15 +36,24 @@ STATE_AVERAGING_EVERY = 10  # global steps between parameter/optimizer-state ave
 
 
 class ClippingMixin:
-    """Clip the global L2 norm of the gradients the optimizer is about to apply (i.e. the swarm-averaged ones)."""
+    """Clip the global L2 norm of the gradients the optimizer is about to apply (i.e. the swarm-averaged ones), and
+    never apply a non-finite one: the step is skipped and ``on_nonfinite`` is called (the last line of defence after
+    the sender's own check and the finite-only reducer in ``peer.guards``)."""
 
     max_grad_norm: float = 0.0
+    on_nonfinite = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.max_grad_norm > 0:
-            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if params:
+            limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(params, limit)  # with limit inf: the norm, grads unchanged
+            if not math.isfinite(float(norm)):
+                logger.warning("skipped an optimizer step: the gradient to apply is not finite")
+                if self.on_nonfinite is not None:
+                    self.on_nonfinite()
+                return None
         return super().step(closure)
 
 
@@ -159,7 +169,25 @@ class SwarmOptimizer(hivemind.Optimizer):
     ):
         self._on_round = on_round or (lambda outcome, size, seconds: None)
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
+        self.skipped_nonfinite_steps = 0
+        guards.share_rejection_counter()  # before hivemind forks its averagers
+        guards.install_finite_reducer()
         super().__init__(*args, **kwargs)
+        self.state_averager.optimizer.on_nonfinite = self._count_nonfinite_step
+
+    def _count_nonfinite_step(self) -> None:
+        self.skipped_nonfinite_steps += 1
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs):
+        return guards.BoundedProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
 
     def cancel_matchmaking(self) -> bool:
         """Abandon averaging rounds still looking for a group, so a leaving peer is not held for the averaging

@@ -46,6 +46,11 @@ CHECKPOINT_AGE = "bertswarm_checkpoint_age_seconds"
 CHECKPOINT_WRITE_SECONDS = "bertswarm_checkpoint_write_seconds"
 CHECKPOINTS = "bertswarm_checkpoints"  # counter with label outcome
 
+# defences against faulty or lying peers (peer/guards.py)
+PEER_REJECTED_CONTRIBUTIONS = "bertswarm_peer_rejected_contributions"  # counter: groupmates' non-finite parts dropped
+PEER_SKIPPED_STEPS = "bertswarm_peer_skipped_steps"  # counter with label reason: optimizer steps not applied
+PEER_IGNORED_PROGRESS_RECORDS = "bertswarm_peer_ignored_progress_records"  # counter: implausible progress records
+
 ROUND_OUTCOMES = ("success", "failed", "solo")
 SKIP_REASONS = ("nonfinite",)
 METRICS_TTL = 60.0  # seconds a peer's DHT metrics record lives without refresh
@@ -76,11 +81,35 @@ class PeerTelemetry:
             PEER_STATE_DOWNLOAD_SECONDS, "Duration of the last state download from peers", registry=r
         )
         self.learning_rate = Gauge(PEER_LEARNING_RATE, "Current learning rate", registry=r)
+        self.rejected_contributions = Counter(
+            PEER_REJECTED_CONTRIBUTIONS,
+            "Groupmates' non-finite contributions dropped from averaging rounds this peer reduced",
+            registry=r,
+        )
+        self.skipped_steps = Counter(
+            PEER_SKIPPED_STEPS, "Optimizer steps not applied (the gradient to apply was not finite)", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self.ignored_progress_records = Counter(
+            PEER_IGNORED_PROGRESS_RECORDS, "Other peers' training-progress records ignored as implausible", registry=r
+        )
+        self.skipped_steps.labels("nonfinite")
         for outcome in ROUND_OUTCOMES:
             self.rounds.labels(outcome)
         for reason in SKIP_REASONS:
             self.skipped.labels(reason)
         self._server = None
+
+    def sync_guard_totals(self, *, rejected: int, skipped_steps: int, ignored_records: int) -> None:
+        """Bring the guard counters up to the totals counted elsewhere (the optimizer, the averager processes)."""
+        for counter, total in (
+            (self.rejected_contributions, rejected),
+            (self.skipped_steps.labels("nonfinite"), skipped_steps),
+            (self.ignored_progress_records, ignored_records),
+        ):
+            delta = total - counter._value.get()
+            if delta > 0:
+                counter.inc(delta)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns the bound port (useful with port 0)."""

@@ -22,7 +22,7 @@ import hivemind
 import torch
 from hivemind.utils import get_dht_time
 
-from peer import corpus, manifest, schema, swarm
+from peer import corpus, faults, guards, manifest, schema, swarm
 from peer.batches import BatchStream
 from peer.checkpoint import load_checkpoint
 from peer.config import PeerConfig
@@ -224,6 +224,7 @@ class Trainer:
             logger.warning("dropped a batch with non-finite loss or gradients (loss=%s)", loss_value)
             self.opt.zero_grad()
             return
+        faults.corrupt_gradients(self.model)  # test-only fault injection (a no-op unless its env var is set)
         self.opt.step()
         self.opt.zero_grad()
         samples = batch["input_ids"].shape[0]
@@ -255,6 +256,8 @@ class Trainer:
         t.swarm_size.set(progress.num_peers)
         t.samples_per_second.set(snapshot.samples_per_second)
         t.learning_rate.set(snapshot.learning_rate)
+        t.sync_guard_totals(rejected=guards.rejected_contributions(), skipped_steps=self.opt.skipped_nonfinite_steps,
+                            ignored_records=self.opt.tracker.dropped_records)  # fmt: skip
         if math.isfinite(snapshot.loss):
             t.loss.set(snapshot.loss)
             self.publisher.publish(
@@ -329,6 +332,7 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
             swarm.write_address_file(cfg.address_file, addresses[0])
         print(f"bertswarm-peer --join {addresses[0]}", file=out, flush=True)
         trainer = Trainer(cfg, prepared, dht, run_manifest)
+        faults.install(trainer)  # test-only fault injection and probes (no-ops unless their env vars are set)
         stop.install()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start; undo that
         stop.on_stop.append(trainer.opt.cancel_matchmaking)
         trainer.sync_with_swarm(timeout=cfg.startup_timeout)

@@ -43,3 +43,16 @@ def test_per_peer_labels_are_short_stable_and_bounded():
     assert len(view.per_peer) == MAX_PEER_LABELS
     assert peer_label(b"x" * 300) == peer_label(b"x" * 300) and len(peer_label(b"x")) == 10
     assert min(view.per_peer.values()) == 20.0  # the busiest peers are kept
+
+
+def test_a_lying_minority_cannot_inflate_throughput_samples_or_loss():
+    honest = {bytes([i]): record(epoch=5, sps=10.0, samples=300, loss=6.0, mini_steps=4) for i in range(3)}
+    liar = record(epoch=10**9, sps=1e6, samples=10**15, loss=0.0, mini_steps=10**9)
+    view = aggregate({**honest, b"liar": liar}, NOW, 30, target_batch_size=192)
+    assert view.epoch == 5
+    assert view.samples_per_second <= 3 * 10.0 + 4 * 10.0
+    assert view.samples <= (5 + 2) * 192
+    assert view.loss == 6.0
+    # two honest peers and a liar: the liar's throughput and loss weight are capped
+    two = {b"a": honest[b"\x00"], b"b": honest[b"\x01"], b"liar": liar}
+    assert aggregate(two, NOW, 30, target_batch_size=192).loss == 6.0

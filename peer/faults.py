@@ -1,0 +1,125 @@
+"""Test-only fault injection, read from environment variables inside the peer process (never a CLI flag, never for
+users; like hivemind's own test hooks). The fault suite in ``tests/faults`` sets them on one peer of a local swarm.
+
+- ``BERTSWARM_TEST_NONFINITE_GRADS=1``: after the peer's own finite check, its gradients are replaced by NaN/Inf, so
+  it *sends* non-finite contributions to the swarm (a buggy or hostile peer that skipped the check).
+- ``BERTSWARM_TEST_LIE=1``: the peer's ``{run}_progress`` records take turns claiming absurd samples and throughput
+  within the schema's bounds, an epoch a million steps ahead, and values beyond the bounds; its signed metrics record
+  claims absurd figures (step 10^9, 10^15 samples, loss 0).
+- ``BERTSWARM_TEST_WATCH_DIR=DIR``: a probe thread writes the stage of the peer's current gradient averaging round to
+  ``DIR/stage`` (so a test can crash a peer while a round is under way) and appends a fingerprint of the parameters
+  (two float64 projections) to ``DIR/fingerprints.jsonl`` after every step (to compare peers' weights while they run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import torch
+from hivemind.utils import get_dht_time
+
+NONFINITE_GRADS = os.environ.get("BERTSWARM_TEST_NONFINITE_GRADS") == "1"
+LIE = os.environ.get("BERTSWARM_TEST_LIE") == "1"
+WATCH_DIR = os.environ.get("BERTSWARM_TEST_WATCH_DIR")
+
+
+def install(trainer) -> None:
+    install_lies(trainer)
+    if WATCH_DIR:
+        threading.Thread(target=_watch, args=(trainer, WATCH_DIR), name="bertswarm-test-probe", daemon=True).start()
+
+
+def fingerprint(model: torch.nn.Module) -> list[float]:
+    """Two projections of all parameters: equal weights give equal numbers; any NaN/Inf shows as non-finite."""
+    total, projected = 0.0, 0.0
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            flat = p.detach().double().flatten()
+            total += float(flat.sum())
+            weights = torch.linspace(-1.0, 1.0, flat.numel(), dtype=torch.float64) * (1 + i % 7)
+            projected += float((flat * weights).sum())
+    return [total, projected]
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _watch(trainer, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    stage_path, prints_path = os.path.join(directory, "stage"), os.path.join(directory, "fingerprints.jsonl")
+    last_stage, last_epoch = None, None
+    while True:
+        control = trainer.opt.scheduled_grads
+        try:
+            stage = control.stage.name if control is not None and not control.done() else "IDLE"
+        except Exception:  # the control's shared memory may be gone while the round ends
+            stage = "IDLE"
+        if stage != last_stage:
+            _write(stage_path, stage)
+            last_stage = stage
+        epoch = trainer.opt.local_epoch
+        if epoch != last_epoch:
+            # the epoch moves before hivemind applies the step (and averages state): wait for opt.step to return
+            mini_steps, deadline = trainer.mini_steps, time.monotonic() + 30
+            while trainer.mini_steps == mini_steps and time.monotonic() < deadline:
+                time.sleep(0.01)
+            prints = fingerprint(trainer.model)
+            if trainer.opt.local_epoch == epoch:
+                line = json.dumps({"epoch": epoch, "time": time.time(), "fp": prints})
+                with open(prints_path, "a") as f:
+                    f.write(line + "\n")
+                last_epoch = epoch
+        time.sleep(0.01)
+
+
+def corrupt_gradients(model: torch.nn.Module) -> None:
+    if not NONFINITE_GRADS:
+        return
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            if p.grad is not None:
+                p.grad.fill_(float("nan") if i % 2 == 0 else float("inf"))
+
+
+def install_lies(trainer) -> None:
+    """Make ``trainer``'s progress and metrics records lie (see the module docstring)."""
+    if not LIE:
+        return
+    from peer import schema
+    from peer.telemetry import METRICS_TTL
+
+    tracker = trainer.opt.tracker
+    honest = tracker._get_local_progress
+    calls = [0]
+
+    def lying_progress(local_epoch: int, samples_accumulated: int):
+        calls[0] += 1
+        record = honest(local_epoch, samples_accumulated)
+        lie = calls[0] % 3
+        if lie == 0:  # within the schema's bounds, absurd for the swarm: samples, throughput, a report time long ago
+            update = dict(samples_accumulated=10**8, samples_per_second=1e5, time=get_dht_time() - 3600.0)
+        elif lie == 1:  # a million steps ahead
+            update = dict(epoch=local_epoch + 10**6, samples_accumulated=10**8)
+        else:  # beyond the schema's bounds
+            update = dict(samples_accumulated=10**12, samples_per_second=1e9)
+        return record.copy(update=update)
+
+    tracker._get_local_progress = lying_progress
+    publisher = trainer.publisher
+
+    def lying_publish(**_honest):
+        if publisher._pending is not None and not publisher._pending.done():
+            return
+        record = dict(epoch=10**9, samples_per_second=schema.MAX_SAMPLES_PER_SECOND, samples_total=10**15,
+                      loss=0.0, mini_steps=10**9, time=float(time.time()), client_mode=False)  # fmt: skip
+        publisher._pending = publisher.dht.store(publisher.key, record, expiration_time=get_dht_time() + METRICS_TTL,
+                                                 subkey=publisher.subkey, return_future=True)  # fmt: skip
+
+    publisher.publish = lying_publish

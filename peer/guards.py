@@ -1,0 +1,173 @@
+"""Defences against peers that crash, lie or send garbage: what hivemind 1.1.12 trusts and bertswarm does not.
+
+- ``FiniteTensorPartReducer``: hivemind averages every tensor part a groupmate sends, so one peer sending NaN/Inf
+  poisons the average for the whole group. Non-finite parts (or weights) are dropped with weight 0, so the others'
+  round completes with the finite contributions; every dropped contribution is counted.
+- ``BoundedProgressTracker``: hivemind takes the *maximum* epoch over all ``{run}_progress`` records and sums every
+  record's ``samples_accumulated`` (unbounded), so one lying record can make the epoch jump or every peer step after
+  each mini-batch. Records are parsed with bounded types, the epoch is the majority's (median), and a record's
+  samples and throughput are capped by what a peer a few times faster than the swarm's median could have computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import statistics
+
+import pydantic.v1 as pydantic
+import torch
+from hivemind.averaging import allreduce, partition
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import ValueWithExpiration, get_dht_time
+
+from peer.schema import MAX_SAMPLES_PER_SECOND
+
+logger = logging.getLogger(__name__)
+
+# a record's throughput counts for at most this multiple of the swarm's median (a fast GPU among CPUs is under-counted,
+# which only makes its epochs a little longer; a liar cannot make them shorter than ~1/SPS_FACTOR of honest ones)
+SPS_FACTOR = 4.0
+SAMPLES_SLACK_SECONDS = 1.0  # peers enter an epoch up to about one refresh period apart
+MAX_EPOCH = 10**9
+
+
+# --- non-finite contributions ---------------------------------------------------------------------------------------
+
+# Shared with the averager processes hivemind forks (created before they start); counts contributions dropped there.
+_rejected = None
+
+
+def rejected_contributions() -> int:
+    return 0 if _rejected is None else int(_rejected.value)
+
+
+def share_rejection_counter() -> None:
+    """Create the counter in this process before hivemind forks its averagers, so they increment the same value."""
+    global _rejected
+    if _rejected is None:
+        _rejected = mp.get_context("fork").Value("q", 0)
+
+
+def _finite(tensor: torch.Tensor, weight: float) -> bool:
+    return math.isfinite(weight) and weight >= 0 and bool(torch.isfinite(tensor).all())
+
+
+class FiniteTensorPartReducer(partition.TensorPartReducer):
+    """A ``TensorPartReducer`` that averages only finite parts; a non-finite one counts with weight 0."""
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight=1.0):
+        if not _finite(tensor_part, weight):
+            if not hasattr(self, "_rejected_senders"):
+                self._rejected_senders = set()
+            if sender_index not in self._rejected_senders:  # one contribution per sender and round
+                self._rejected_senders.add(sender_index)
+                if _rejected is not None:
+                    with _rejected.get_lock():
+                        _rejected.value += 1
+                logger.warning("dropped a groupmate's non-finite contribution to an averaging round")
+            tensor_part, weight = torch.zeros_like(tensor_part), 0.0
+        return await super().accumulate_part(sender_index, part_index, tensor_part, weight)
+
+    def check_current_part_finished(self):
+        if self.current_part_accumulated_from == self.num_current_senders and self.denominator == 0:
+            self.denominator = 1.0  # every contribution was dropped: the average is zero, not 0/0 = NaN
+        super().check_current_part_finished()
+
+
+def install_finite_reducer() -> None:
+    """hivemind's AllReduceRunner builds its reducer from the module global; every averager forked after this call
+    (gradients and state) averages finite parts only."""
+    allreduce.TensorPartReducer = FiniteTensorPartReducer
+
+
+# --- lying progress records -----------------------------------------------------------------------------------------
+
+
+class BoundedProgress(pydantic.BaseModel):
+    """hivemind's ``LocalTrainingProgress`` with bounds: what a progress record may say at all."""
+
+    peer_id: pydantic.StrictBytes
+    epoch: pydantic.conint(ge=0, le=MAX_EPOCH, strict=True)
+    samples_accumulated: pydantic.conint(ge=0, le=10**9, strict=True)
+    samples_per_second: pydantic.confloat(ge=0.0, le=MAX_SAMPLES_PER_SECOND, strict=True)
+    time: pydantic.StrictFloat
+    client_mode: pydantic.StrictBool
+
+
+def sanitize_progress(
+    records: dict[bytes, dict], local: dict, *, now: float, epoch_started: float, target_batch_size: int
+) -> tuple[dict[bytes, dict], int]:
+    """Bounded, majority-checked progress records (``local`` is this peer's own, trusted); returns (kept, dropped).
+
+    - a record that does not parse as ``BoundedProgress`` is dropped;
+    - the reference epoch is the median (high) of the training peers' epochs, this peer's included; a record more than
+      one step ahead of it is dropped (a minority cannot move the epoch; a joiner still follows a majority ahead);
+    - throughput counts for at most ``SPS_FACTOR`` x the median (low) throughput, this peer's included;
+    - samples at this peer's epoch count for at most what that capped throughput yields since the epoch began here.
+    """
+    parsed, dropped = {}, 0
+    for key, value in records.items():
+        if value is None:
+            continue
+        try:
+            parsed[key] = BoundedProgress.parse_obj(value)
+        except pydantic.ValidationError:
+            dropped += 1
+    epochs = [p.epoch for p in parsed.values() if not p.client_mode]
+    if not local["client_mode"]:
+        epochs.append(local["epoch"])
+    reference = statistics.median_high(epochs) if epochs else local["epoch"]
+    rates = [p.samples_per_second for p in parsed.values()] + [local["samples_per_second"]]
+    sps_cap = SPS_FACTOR * max(statistics.median_low(rates), local["samples_per_second"], 1e-3)
+    elapsed = max(0.0, now - epoch_started)
+    kept = {}
+    for key, p in parsed.items():
+        if p.epoch > reference + 1:
+            dropped += 1
+            continue
+        sps = min(p.samples_per_second, sps_cap)
+        samples = p.samples_accumulated
+        record_time = min(p.time, now)
+        if p.epoch == local["epoch"]:
+            samples = min(samples, int(sps * (elapsed + SAMPLES_SLACK_SECONDS)), target_batch_size)
+            record_time = max(record_time, epoch_started)  # no credit for time before the epoch began here
+        kept[key] = dict(p.dict(), samples_per_second=sps, samples_accumulated=samples, time=record_time)
+    return kept, dropped
+
+
+class BoundedProgressTracker(ProgressTracker):
+    """hivemind's ProgressTracker reading the swarm's progress records through ``sanitize_progress``."""
+
+    def __init__(self, *args, **kwargs):
+        self.dropped_records = 0
+        self._epoch_started = get_dht_time()
+        self._started_epoch = 0
+        super().__init__(*args, **kwargs)
+
+    def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
+        if local_epoch != self._started_epoch:
+            self._started_epoch, self._epoch_started = local_epoch, get_dht_time()
+        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+
+    def _parse_swarm_progress_data(self, metadata):
+        if isinstance(metadata, dict) and metadata:
+            own = self._local_public_key
+            others = {k: v.value for k, v in metadata.items() if k != own and isinstance(v, ValueWithExpiration)}
+            kept, dropped = sanitize_progress(
+                others,
+                self.local_progress.dict(),
+                now=get_dht_time(),
+                epoch_started=self._epoch_started,
+                target_batch_size=self.target_batch_size,
+            )
+            if dropped:
+                self.dropped_records += dropped
+                logger.warning("ignored %d implausible training-progress record(s) of other peers", dropped)
+            expiration = get_dht_time() + self.metadata_expiration
+            reported_own = own in metadata
+            metadata = {k: ValueWithExpiration(v, expiration) for k, v in kept.items()}
+            if reported_own:  # as hivemind: this peer counts once its own record is in the DHT
+                metadata[own] = ValueWithExpiration(self.local_progress.dict(), expiration)
+        return super()._parse_swarm_progress_data(metadata)

@@ -1,0 +1,82 @@
+"""Defences against faulty or lying peers: finite-only averaging, skipped non-finite steps, bounded progress."""
+
+import asyncio
+import math
+
+import torch
+
+from peer import guards
+from peer.optim import ClippedAdamW
+
+NOW = 1_000_000.0
+
+
+def progress(epoch=5, samples=40, sps=10.0, age=0.5, client=False):
+    return dict(peer_id=b"x", epoch=epoch, samples_accumulated=samples, samples_per_second=sps, time=NOW - age,
+                client_mode=client)  # fmt: skip
+
+
+def sanitize(records, local=None, elapsed=3.0):
+    return guards.sanitize_progress(records, local or progress(samples=30), now=NOW, epoch_started=NOW - elapsed,
+                                    target_batch_size=192)  # fmt: skip
+
+
+def test_honest_records_pass_unchanged():
+    records = {b"a": progress(), b"b": progress(epoch=6, samples=0)}  # b just moved on: one step ahead is fine
+    kept, dropped = sanitize(records)
+    assert dropped == 0 and kept == records
+
+
+def test_a_minority_cannot_move_the_epoch_but_a_majority_ahead_is_followed():
+    kept, dropped = sanitize({b"a": progress(), b"liar": progress(epoch=10**6)})
+    assert dropped == 1 and set(kept) == {b"a"}
+    joiner = progress(epoch=0, samples=0)
+    kept, dropped = sanitize({b"a": progress(epoch=50), b"b": progress(epoch=50)}, local=joiner)
+    assert dropped == 0 and len(kept) == 2  # a joiner far behind still sees the swarm's step
+    kept, dropped = sanitize({b"a": progress(epoch=50)}, local=joiner)
+    assert dropped == 0  # one other peer, far ahead: a joiner follows it
+
+
+def test_out_of_bounds_records_are_dropped_and_absurd_claims_capped():
+    kept, dropped = sanitize({b"a": progress(), b"big": progress(samples=10**12, sps=1e9)})
+    assert dropped == 1 and set(kept) == {b"a"}
+    kept, _ = sanitize({b"a": progress(), b"liar": progress(samples=10**8, sps=1e5, age=3600)})
+    liar = kept[b"liar"]
+    assert liar["samples_per_second"] <= guards.SPS_FACTOR * 10.0
+    assert liar["samples_accumulated"] <= guards.SPS_FACTOR * 10.0 * (3.0 + guards.SAMPLES_SLACK_SECONDS)
+    assert liar["time"] >= NOW - 3.0  # no credit for time before the epoch began
+
+
+def reduce(parts_by_sender, weights):
+    async def run():
+        reducer = guards.FiniteTensorPartReducer([parts_by_sender[0].shape], len(parts_by_sender))
+        pairs = enumerate(zip(parts_by_sender, weights, strict=True))
+        return await asyncio.gather(*(reducer.accumulate_part(i, 0, part, weight=w) for i, (part, w) in pairs))
+
+    return asyncio.run(run())
+
+
+def test_reducer_drops_a_non_finite_contribution_and_counts_it():
+    guards.share_rejection_counter()
+    before = guards.rejected_contributions()
+    good, bad = torch.ones(4), torch.full((4,), float("nan"))
+    results = reduce([good, bad, 3 * good], [1.0, 1.0, 1.0])
+    assert all(torch.equal(r, 2 * good) for r in results)  # the mean of the finite ones
+    assert guards.rejected_contributions() == before + 1
+    results = reduce([good, good], [1.0, float("inf")])  # a non-finite weight is dropped too
+    assert torch.equal(results[0], good)
+    results = reduce([bad, bad], [1.0, 1.0])  # nothing finite: zero, not 0/0
+    assert torch.equal(results[0], torch.zeros(4))
+
+
+def test_optimizer_never_applies_a_non_finite_gradient():
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = ClippedAdamW([param], lr=0.1, max_grad_norm=1.0)
+    skipped = []
+    opt.on_nonfinite = lambda: skipped.append(1)
+    param.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert torch.equal(param.detach(), torch.ones(3)) and skipped == [1]
+    param.grad = torch.tensor([1.0, 1.0, 0.0])
+    opt.step()
+    assert math.isfinite(param.sum().item()) and not torch.equal(param.detach(), torch.ones(3))
