@@ -6,7 +6,7 @@ DEMO_PEERS ?= 3
 DEMO_SECONDS ?= 180
 MONITOR_LISTEN ?= 127.0.0.1:9090
 
-.PHONY: setup demo monitor test lint format bench clean
+.PHONY: setup demo monitor test lint format bench clean faults soak
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,16 @@ format: setup
 # BENCH_ARGS='--quick' for a smoke run, BENCH_ARGS='--only throughput' for one scenario.
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Fault suite (tests/faults): every scenario FAULTS_REPEAT times on a live swarm -> docs/reliability.md (+ .json).
+FAULTS_REPEAT ?= 20
+faults: setup
+	$(PY) -m tests.faults --repeat $(FAULTS_REPEAT)
+
+# Soak (not in CI): 4 peers, one killed and restarted every 2 min, then a no-churn run of the same length.
+SOAK_MINUTES ?= 30
+soak: setup
+	$(PY) -m tests.faults.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache .ruff_cache

@@ -27,12 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory) -> Path:
+def write_small_corpus(path: Path) -> Path:
     """~300 kB of the embedded corpus as a .txt file: quick to tokenise in every peer process."""
     from peer.corpus import default_corpus
 
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
     docs, size = [], 0
     for doc in default_corpus():
         docs.append(doc)
@@ -41,6 +39,11 @@ def small_corpus(tmp_path_factory) -> Path:
             break
     path.write_text("\n\n".join(docs))
     return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    return write_small_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
 
 
 class Swarm:

@@ -1,0 +1,76 @@
+"""Each fault scenario once, in order, on one shared swarm (``Session``): the scenarios leave it healthy for the next,
+so ``make test`` pays for one swarm start. ``python -m tests.faults`` repeats them and reports figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults import scenarios
+from tests.faults.bad_input import bad_inputs
+from tests.faults.harness import SIZE, Session
+
+pytestmark = pytest.mark.swarm
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory, small_corpus):
+    s = Session(tmp_path_factory.mktemp("faults"), small_corpus)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def healthy(session):
+    """Each scenario starts from SIZE live peers, even when the previous one failed half-way."""
+    session.heal()
+    assert len(session.live) >= SIZE
+    return session
+
+
+def run(name: str, session: Session) -> None:
+    figures = scenarios.SCENARIOS[name](session)
+    print(f"{name}: {figures}")
+
+
+@pytest.mark.timeout(300)
+def test_kill_during_allreduce(healthy):
+    run("kill_during_allreduce", healthy)
+
+
+@pytest.mark.timeout(300)
+def test_late_joiner(healthy):
+    run("late_joiner", healthy)
+
+
+@pytest.mark.timeout(400)
+def test_bootstrap_dies(healthy):
+    run("bootstrap_dies", healthy)
+
+
+@pytest.mark.timeout(300)
+def test_stall(healthy):
+    run("stall", healthy)
+
+
+@pytest.mark.timeout(300)
+def test_nonfinite_sender(healthy):
+    run("nonfinite_sender", healthy)
+
+
+@pytest.mark.timeout(400)
+def test_coordinator_killed_mid_checkpoint(healthy):
+    run("coordinator_killed_mid_checkpoint", healthy)
+
+
+@pytest.mark.timeout(300)
+def test_lying_records(healthy):
+    run("lying_records", healthy)
+
+
+@pytest.mark.timeout(400)
+def test_bad_inputs(healthy, tmp_path):
+    healthy.stop_coordinator()
+    print(f"bad_inputs: {bad_inputs(healthy, tmp_path, healthy.swarm.corpus)}")
