@@ -159,3 +159,33 @@ def test_the_containers_command_lines_parse_with_bertswarm_s_own_parsers(tmp_pat
         cfg, explicit = parse(config_cls, stages[target][1:], env)
         assert cfg.join == ([] if name == "bootstrap" else [FAKE_JOIN])
         assert "state_dir" in explicit
+
+
+def test_the_image_s_pip_install_gets_everything_from_the_build_context(tmp_path):
+    """``pip install .`` in the image sees only what .dockerignore lets through: build that wheel here and check it
+    holds both packages, the shipped vocab and both commands."""
+    import shutil as sh
+    import zipfile
+
+    context = tmp_path / "context"
+    context.mkdir()
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        if line.startswith("!"):
+            source = ROOT / line[1:].rstrip("/")
+            target = context / source.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                sh.copytree(source, target, ignore=sh.ignore_patterns("__pycache__"))
+            else:
+                sh.copy2(source, target)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                             "-q", "-w", str(tmp_path / "dist"), str(context)], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = (tmp_path / "dist").glob("bertswarm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("peer/cli.py", "peer/trainer.py", "peer/assets/vocab.txt", "coordinator/cli.py"):
+        assert module in names, module
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "bertswarm-peer = peer.cli:main" in text and "bertswarm-coordinator = coordinator.cli:main" in text
