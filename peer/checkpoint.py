@@ -467,6 +467,11 @@ def _parse_metadata(data: bytes, where: str) -> dict:
     return meta
 
 
+def verify_run(meta: dict, expected_fingerprint: str, source: str | Path) -> None:
+    """The run check of :func:`load_checkpoint`, for a checkpoint loaded (and verified) before the run was known."""
+    _check_fingerprint(meta, expected_fingerprint, str(source))
+
+
 def _check_fingerprint(meta: dict, expected: str | None, where: str) -> None:
     if expected is not None and meta["fingerprint"] != expected:
         raise UserError(

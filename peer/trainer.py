@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 
 from peer import corpus, faults, guards, manifest, schema, swarm
 from peer.batches import BatchStream
-from peer.checkpoint import load_checkpoint
+from peer.checkpoint import load_checkpoint, verify_run
 from peer.config import PeerConfig
 from peer.errors import UserError
 from peer.model import PRESETS, build_model, count_parameters
@@ -90,6 +90,7 @@ class Prepared:
     documents: list[str]
     telemetry: PeerTelemetry
     metrics_port: int | None
+    init_checkpoint: tuple[dict, dict] | None = None  # --init-from, verified (all but the run) before p2pd starts
 
 
 def prepare(cfg: PeerConfig) -> Prepared:
@@ -99,7 +100,9 @@ def prepare(cfg: PeerConfig) -> Prepared:
     train_documents, _heldout = corpus.split_heldout(documents)
     telemetry = PeerTelemetry()
     port = telemetry.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port is not None else None
-    return Prepared(state_dir, tokenizer, train_documents, telemetry, port)
+    # a corrupt --init-from is answered in ~1 s, not after the DHT has started; the run is checked once it is known
+    init = load_checkpoint(cfg.init_from, expected_fingerprint=None) if cfg.init_from else None
+    return Prepared(state_dir, tokenizer, train_documents, telemetry, port, init)
 
 
 class Trainer:
@@ -123,7 +126,8 @@ class Trainer:
             _load_model_tensors(self.model, saved.model)
             self.samples_total = saved.samples
         elif cfg.init_from:
-            tensors, meta = load_checkpoint(cfg.init_from, expected_fingerprint=run.fingerprint)
+            tensors, meta = prepared.init_checkpoint
+            verify_run(meta, run.fingerprint, cfg.init_from)
             _load_model_tensors(self.model, tensors)
             init_epoch, self.samples_total = int(meta["epoch"]), int(meta.get("samples_seen", 0))
             logger.info("starting from checkpoint %s (step %d)", cfg.init_from, init_epoch)
