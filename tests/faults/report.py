@@ -117,6 +117,25 @@ def write(raw: dict, path: Path = DOC) -> str:
         "(target 192; without the bounds it fell to one mini-batch per peer); `coordinator_*`: its /status figures.",
         "- **8** time from process start to the one-line answer; `unreachable_join_s` waits `--startup-timeout 10`.",
     ]
+    lines += ["", "## Weaknesses the suite found, and the fixes", ""]
+    lines += [
+        "- **A peer sending NaN/Inf poisoned every groupmate** (hivemind 1.1.12 averages every part it receives). "
+        "`peer/guards.py::FiniteTensorPartReducer` drops a non-finite part or weight with weight 0 inside the "
+        "all-reduce, so the round completes with the finite contributions (counted in "
+        "`bertswarm_peer_rejected_contributions_total`); the optimizer never applies a non-finite gradient "
+        '(`bertswarm_peer_skipped_steps_total{reason="nonfinite"}`), which also protects the faulty peer itself.',
+        "- **One lying `{run}_progress` record steered the swarm** (hivemind takes the *maximum* epoch of all records "
+        "and sums unbounded `samples_accumulated`; a claimed throughput moves the ETA): "
+        "`guards.BoundedProgressTracker` parses records with bounded types, takes the majority's (median) epoch, and "
+        "caps a record's throughput at 4x the median and its samples at what that throughput yields since the epoch "
+        "began (`bertswarm_peer_ignored_progress_records_total`).",
+        "- **The coordinator summed what peers claimed**: its throughput, loss weight and samples now resist a lying "
+        "minority (`coordinator/aggregate.py`: 4x-median caps, loss outliers left out, samples <= (epoch + 2) x "
+        "target).",
+        "- **A corrupt `--init-from` was answered only after p2pd had started** (~11 s on an idle machine): the "
+        "checkpoint is now verified in `prepare`, before the network; the run check follows once the manifest is "
+        "known.",
+    ]
     if SOAK_RAW.exists():
         lines += ["", soak_section(json.loads(SOAK_RAW.read_text()))]
     text = "\n".join(lines) + "\n"

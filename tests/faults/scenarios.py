@@ -195,7 +195,8 @@ def coordinator_killed_mid_checkpoint(session: Session) -> dict:
     if session.coordinator is None or not session.coordinator.alive():
         start_coordinator(session)
     deadline = time.monotonic() + 180
-    while not (root.is_dir() and any(p.name.startswith(TMP_PREFIX) for p in root.iterdir())):
+    session.wait_until("a first complete checkpoint", lambda: list_checkpoints(root), 180)
+    while not any(p.name.startswith(TMP_PREFIX) for p in root.iterdir()):  # the next one is being written
         assert session.coordinator.alive(), session.coordinator.log_tail()
         assert time.monotonic() < deadline, "the coordinator wrote no checkpoint"
         time.sleep(0.002)

@@ -30,44 +30,10 @@ def healthy(session):
     return session
 
 
-def run(name: str, session: Session) -> None:
-    figures = scenarios.SCENARIOS[name](session)
-    print(f"{name}: {figures}")
-
-
-@pytest.mark.timeout(300)
-def test_kill_during_allreduce(healthy):
-    run("kill_during_allreduce", healthy)
-
-
-@pytest.mark.timeout(300)
-def test_late_joiner(healthy):
-    run("late_joiner", healthy)
-
-
 @pytest.mark.timeout(400)
-def test_bootstrap_dies(healthy):
-    run("bootstrap_dies", healthy)
-
-
-@pytest.mark.timeout(300)
-def test_stall(healthy):
-    run("stall", healthy)
-
-
-@pytest.mark.timeout(300)
-def test_nonfinite_sender(healthy):
-    run("nonfinite_sender", healthy)
-
-
-@pytest.mark.timeout(400)
-def test_coordinator_killed_mid_checkpoint(healthy):
-    run("coordinator_killed_mid_checkpoint", healthy)
-
-
-@pytest.mark.timeout(300)
-def test_lying_records(healthy):
-    run("lying_records", healthy)
+@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))  # in order: each leaves the swarm ready for the next
+def test_scenario(healthy, name):
+    print(f"{name}: {scenarios.SCENARIOS[name](healthy)}")
 
 
 @pytest.mark.timeout(400)
