@@ -49,23 +49,20 @@ def hivemind_peer(args) -> None:
     averagers = {}
     for name in args.compressions.split(","):
         tensors = [torch.randn(s, generator=g) for s in shapes]
+        # the product's settings (peer.optim.make_optimizer with its default 30 s averaging timeout), with a shorter
+        # matchmaking time: matchmaking is not part of the measured round
         averagers[name] = hivemind.averaging.DecentralizedAverager(
-            tensors,
-            dht,
-            prefix=f"bench_{name}",
-            target_group_size=args.peers,
-            min_group_size=args.peers,
-            min_matchmaking_time=1.0,
-            request_timeout=0.5,
-            compression=compression(name),
-            start=True,
-        )
+            tensors, dht, prefix=f"bench_{name}", target_group_size=args.peers, min_group_size=args.peers,
+            min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=15.0, allreduce_timeout=args.timeout,
+            compression=compression(name), start=True,
+        )  # fmt: skip
     rounds = {name: [] for name in averagers}
     try:
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for name, averager in averagers.items():  # interleaved: compressions alternate within the run
+                barrier(dht, f"bench_barrier_{name}_{r}", args.index, args.peers)
                 called = time.perf_counter()
-                control = averager.step(wait=False, timeout=60)
+                control = averager.step(wait=False, timeout=args.timeout)
                 began = None
                 while not control.done():
                     if began is None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
@@ -74,13 +71,9 @@ def hivemind_peer(args) -> None:
                 ended = time.perf_counter()
                 ok = control.exception() is None
                 rounds[name].append(
-                    {
-                        "ok": ok,
-                        "allreduce_s": ended - (began or called),
-                        "total_s": ended - called,
-                        "group": len(control.result()) if ok else 0,
-                    }
-                )
+                    {"ok": ok, "allreduce_s": ended - (began or called), "total_s": ended - called,
+                     "group": len(control.result()) if ok else 0}
+                )  # fmt: skip
         result = {
             "numel": sum(s.numel() for s in shapes),
             "rounds": rounds,
@@ -92,6 +85,18 @@ def hivemind_peer(args) -> None:
         for averager in averagers.values():
             averager.shutdown()
         dht.shutdown()
+
+
+def barrier(dht, key: str, index: int, peers: int, timeout: float = 120.0) -> None:
+    """Every peer starts the round together (a late peer would otherwise miss the group and fail the round)."""
+    from hivemind.utils import ValueWithExpiration, get_dht_time
+
+    dht.store(key, True, get_dht_time() + 600, subkey=index)
+    deadline = time.monotonic() + timeout
+    while len((dht.get(key, latest=True) or ValueWithExpiration({}, 0)).value) < peers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"barrier {key}: the other peers never arrived")
+        time.sleep(0.05)
 
 
 def _pid() -> int:
@@ -164,6 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--join", default=None)
     p.add_argument("--out", default="")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds one round may take")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     {"hivemind": hivemind_peer, "gloo": gloo_rank, "probe": probe_receiver}[args.mode](args)

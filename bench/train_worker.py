@@ -78,7 +78,7 @@ def main(argv=None) -> None:
 
 def swarm(args, run, model, result) -> None:
     from peer.config import PeerConfig
-    from peer.swarm import join_addresses, start_dht, stop_dht
+    from peer.swarm import join_addresses, keep_request_futures, start_dht, stop_dht
 
     defaults = PeerConfig()
     matchmaking = args.matchmaking_time or defaults.matchmaking_time
@@ -112,7 +112,7 @@ def swarm(args, run, model, result) -> None:
         while opt.local_epoch < args.steps:
             loss = model(**next(batches)).loss
             loss.backward()
-            if not math.isfinite(float(loss)) or not is_finite_gradient(model):
+            if not math.isfinite(float(loss.detach())) or not is_finite_gradient(model):
                 opt.zero_grad()
                 k += 1
                 continue
@@ -130,8 +130,9 @@ def swarm(args, run, model, result) -> None:
             k += 1
         result.update(rounds=rounds, state_loads=loads[0], contributions=contributions, micro_batches=k)
     finally:
-        opt.shutdown()
-        stop_dht(dht)
+        with keep_request_futures(dht):  # as the peer does: no traceback from hivemind's goodbye store at exit
+            opt.shutdown()
+            stop_dht(dht)
 
 
 def _wait_for_peers(dht, args) -> None:

@@ -43,7 +43,7 @@ def one(workdir, rep: int, first_epoch: int) -> dict:
         started = time.monotonic()
         b = LocalPeer(f"b{rep}", workdir, [*common, "--join", address, "--metrics-port", str(pb)])
         peers.append(b)
-        t_state = t_contrib = None
+        t_state = t_contrib = t_line = None
         last_epoch = None
         while time.monotonic() - started < 90 and (t_contrib is None or time.monotonic() - started < t_contrib + 2):
             now = time.monotonic() - started
@@ -51,6 +51,8 @@ def one(workdir, rep: int, first_epoch: int) -> dict:
             if epoch is not None and (not epochs or epoch != last_epoch):
                 epochs.append((now, epoch))
                 last_epoch = epoch
+            if t_line is None and b.join_address is not None:
+                t_line = now
             if t_state is None and (metric(pb, "bertswarm_peer_state_downloads_total") or 0) >= 1:
                 t_state = now
             if t_contrib is None and (metric(pb, "bertswarm_peer_samples_total") or 0) > 0:
@@ -78,6 +80,11 @@ def run(workdir, reps: int, quick: bool) -> dict:
     state_bytes = 3 * params * 4  # weights + Adam's two moments, fp32
     raw = [one(workdir / "join", rep, first_epoch=1 if quick else 2) for rep in range(reps)]
     rows = [
+        {
+            "metric": "process start → in the DHT with the run's manifest (join line printed)",
+            "values": [r["to_join_line_s"] for r in raw],
+            "unit": "s",
+        },
         {"metric": "process start → holding the swarm's state", "values": [r["to_state_s"] for r in raw], "unit": "s"},
         {
             "metric": "process start → first counted contribution",

@@ -13,7 +13,7 @@ TITLE = "3. Quality parity: held-out MLM loss, swarm vs one process on the same 
 
 
 def config(quick: bool) -> dict:
-    return dict(preset="tiny", seq_len=64, batch=16, target=128, warmup=3, steps=4 if quick else 10, eval=True)
+    return dict(preset="tiny", seq_len=64, batch=16, target=128, warmup=3, steps=4 if quick else 6, eval=True)
 
 
 def run(workdir, reps: int, quick: bool) -> dict:

@@ -97,7 +97,7 @@ def run(workdir, reps: int, quick: bool) -> dict:
     reason = unavailable()
     if reason:
         return {"skipped": reason, "rows": [], "notes": [f"Skipped: {reason}."]}
-    cfg = dict(preset="tiny", seq_len=128, batch=16, target=128 if quick else 256, steps=3 if quick else 4)
+    cfg = dict(preset="tiny", seq_len=128, batch=16, target=128, steps=3)
     rates = (20,) if quick else (100, 20)
     raw = {f"{r}mbit": {"swarm": [], "ddp": []} for r in rates}
     with Link() as link:

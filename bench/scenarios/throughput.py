@@ -12,7 +12,7 @@ TITLE = "1. Throughput: swarm vs single process vs DDP-gloo"
 
 
 def config(quick: bool) -> dict:
-    return dict(preset="tiny", seq_len=128, batch=16, target=128 if quick else 256, steps=3 if quick else 5)
+    return dict(preset="tiny", seq_len=128, batch=16, target=128 if quick else 256, steps=3)
 
 
 def run(workdir, reps: int, quick: bool) -> dict:
