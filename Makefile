@@ -48,8 +48,9 @@ bench: setup
 
 # Fault suite (tests/faults): every scenario FAULTS_REPEAT times on a live swarm -> docs/reliability.md (+ .json).
 FAULTS_REPEAT ?= 20
+FAULTS_ARGS ?=
 faults: setup
-	$(PY) -m tests.faults --repeat $(FAULTS_REPEAT)
+	$(PY) -m tests.faults --repeat $(FAULTS_REPEAT) $(FAULTS_ARGS)
 
 # Soak (not in CI): 4 peers, one killed and restarted every 2 min, then a no-churn run of the same length.
 SOAK_MINUTES ?= 30
