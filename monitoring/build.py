@@ -77,17 +77,25 @@ def _q(expr: str, legend: str = "") -> tuple[Query, ...]:
     return (Query(expr, legend),)
 
 
+def _select(metric: str, selector: str) -> str:
+    return f"{metric}{{{selector}}}" if selector else metric
+
+
 def _quantiles(metric: str, selector: str = "") -> tuple[Query, ...]:
-    inner = f"sum by (le) (rate({metric}_bucket{{{selector}}}[{RATE}]))"
+    inner = f"sum by (le) (rate({_select(metric + '_bucket', selector)}[{RATE}]))"
     return (Query(f"histogram_quantile(0.5, {inner})", "median"), Query(f"histogram_quantile(0.95, {inner})", "p95"))
 
 
 def _defences(selector: str = "") -> tuple[Query, ...]:
     """What this peer refused from others: non-finite contributions, steps not applied, implausible records."""
+    rejected, skipped, ignored = (
+        _select(f"{name}_total", selector)
+        for name in (m.PEER_REJECTED_CONTRIBUTIONS, m.PEER_SKIPPED_STEPS, m.PEER_IGNORED_PROGRESS_RECORDS)
+    )
     return (
-        Query(f"sum(increase({m.PEER_REJECTED_CONTRIBUTIONS}_total{{{selector}}}[{RATE}]))", "rejected contributions"),
-        Query(f"sum by (reason) (increase({m.PEER_SKIPPED_STEPS}_total{{{selector}}}[{RATE}]))", "skipped steps"),
-        Query(f"sum(increase({m.PEER_IGNORED_PROGRESS_RECORDS}_total{{{selector}}}[{RATE}]))", "ignored records"),
+        Query(f"sum(increase({rejected}[{RATE}]))", "rejected contributions"),
+        Query(f"sum by (reason) (increase({skipped}[{RATE}]))", "skipped steps"),
+        Query(f"sum(increase({ignored}[{RATE}]))", "ignored records"),
     )
 
 
