@@ -79,6 +79,30 @@ def _watch(trainer, directory: str) -> None:
         time.sleep(0.01)
 
 
+class _LyingDHT:
+    """The tracker's view of the DHT: progress records it stores take turns lying; everything else passes through."""
+
+    def __init__(self, dht, key: str):
+        self._dht, self._key, self._calls = dht, key, 0
+
+    def __getattr__(self, name):
+        return getattr(self._dht, name)
+
+    def store(self, *args, **kwargs):
+        value = kwargs.get("value")
+        if kwargs.get("key") == self._key and isinstance(value, dict):
+            self._calls += 1
+            lie = self._calls % 3
+            if lie == 0:  # within the schema's bounds, absurd for the swarm: samples, throughput, a time long ago
+                update = dict(samples_accumulated=10**8, samples_per_second=1e5, time=get_dht_time() - 3600.0)
+            elif lie == 1:  # a million steps ahead
+                update = dict(epoch=value["epoch"] + 10**6, samples_accumulated=10**8)
+            else:  # beyond the schema's bounds
+                update = dict(samples_accumulated=10**12, samples_per_second=1e9)
+            kwargs["value"] = dict(value, **update)
+        return self._dht.store(*args, **kwargs)
+
+
 def corrupt_gradients(model: torch.nn.Module) -> None:
     if not NONFINITE_GRADS:
         return
@@ -96,22 +120,7 @@ def install_lies(trainer) -> None:
     from peer.telemetry import METRICS_TTL
 
     tracker = trainer.opt.tracker
-    honest = tracker._get_local_progress
-    calls = [0]
-
-    def lying_progress(local_epoch: int, samples_accumulated: int):
-        calls[0] += 1
-        record = honest(local_epoch, samples_accumulated)
-        lie = calls[0] % 3
-        if lie == 0:  # within the schema's bounds, absurd for the swarm: samples, throughput, a report time long ago
-            update = dict(samples_accumulated=10**8, samples_per_second=1e5, time=get_dht_time() - 3600.0)
-        elif lie == 1:  # a million steps ahead
-            update = dict(epoch=local_epoch + 10**6, samples_accumulated=10**8)
-        else:  # beyond the schema's bounds
-            update = dict(samples_accumulated=10**12, samples_per_second=1e9)
-        return record.copy(update=update)
-
-    tracker._get_local_progress = lying_progress
+    tracker.dht = _LyingDHT(tracker.dht, tracker.training_progress_key)  # only what it stores lies: it trains honestly
     publisher = trainer.publisher
 
     def lying_publish(**_honest):

@@ -105,7 +105,8 @@ def sanitize_progress(
     - the reference epoch is the median (high) of the training peers' epochs, this peer's included; a record more than
       one step ahead of it is dropped (a minority cannot move the epoch; a joiner still follows a majority ahead);
     - throughput counts for at most ``SPS_FACTOR`` x the median (low) throughput, this peer's included;
-    - samples at this peer's epoch count for at most what that capped throughput yields since the epoch began here.
+    - samples at this peer's epoch (reported, plus hivemind's extrapolation since the report) count for at most what
+      that capped throughput yields since the epoch began here.
     """
     parsed, dropped = {}, 0
     for key, value in records.items():
@@ -131,8 +132,10 @@ def sanitize_progress(
         samples = p.samples_accumulated
         record_time = min(p.time, now)
         if p.epoch == local["epoch"]:
-            samples = min(samples, int(sps * (elapsed + SAMPLES_SLACK_SECONDS)), target_batch_size)
-            record_time = max(record_time, epoch_started)  # no credit for time before the epoch began here
+            cap = sps * (elapsed + SAMPLES_SLACK_SECONDS)
+            samples = min(samples, int(cap), target_batch_size)
+            # hivemind adds (now - time) x throughput to a record's samples: keep that estimate within the cap too
+            record_time = max(record_time, epoch_started, now - (cap - samples) / max(sps, 1e-9))
         kept[key] = dict(p.dict(), samples_per_second=sps, samples_accumulated=samples, time=record_time)
     return kept, dropped
 

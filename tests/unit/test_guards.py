@@ -11,7 +11,7 @@ from peer.optim import ClippedAdamW
 NOW = 1_000_000.0
 
 
-def progress(epoch=5, samples=40, sps=10.0, age=0.5, client=False):
+def progress(epoch=5, samples=20, sps=10.0, age=0.5, client=False):
     return dict(peer_id=b"x", epoch=epoch, samples_accumulated=samples, samples_per_second=sps, time=NOW - age,
                 client_mode=client)  # fmt: skip
 
@@ -45,6 +45,9 @@ def test_out_of_bounds_records_are_dropped_and_absurd_claims_capped():
     assert liar["samples_per_second"] <= guards.SPS_FACTOR * 10.0
     assert liar["samples_accumulated"] <= guards.SPS_FACTOR * 10.0 * (3.0 + guards.SAMPLES_SLACK_SECONDS)
     assert liar["time"] >= NOW - 3.0  # no credit for time before the epoch began
+    cap = guards.SPS_FACTOR * 10.0 * (3.0 + guards.SAMPLES_SLACK_SECONDS)
+    estimate = liar["samples_accumulated"] + (NOW - liar["time"]) * liar["samples_per_second"]  # as hivemind does
+    assert estimate <= cap + 1e-6
 
 
 def reduce(parts_by_sender, weights):
