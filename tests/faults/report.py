@@ -19,7 +19,7 @@ ORDER = [
     ("kill_during_allreduce", "1. peer SIGKILLed during an all-reduce (3 peers)"),
     ("bootstrap_dies", "2. bootstrap peer dies; a new peer joins through another"),
     ("late_joiner", "3. late joiner"),
-    ("stall", "4. peer stalls (SIGSTOP 20 s > averaging timeout 15 s, SIGCONT)"),
+    ("stall", "4. peer stalls (SIGSTOP 25 s > averaging timeout 15 s, SIGCONT)"),
     ("coordinator_killed_mid_checkpoint", "5. coordinator SIGKILLed mid-checkpoint"),
     ("nonfinite_sender", "6. a peer sends NaN/Inf gradients"),
     ("lying_records", "7. a peer lies in its progress and metrics records"),

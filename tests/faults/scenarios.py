@@ -80,7 +80,7 @@ def bootstrap_dies(session: Session) -> dict:
             "rejoin_first_contribution_s": join["first_contribution_s"]}  # fmt: skip
 
 
-def stall(session: Session, seconds: float = AVERAGING_TIMEOUT + 5) -> dict:
+def stall(session: Session, seconds: float = AVERAGING_TIMEOUT + 10) -> dict:
     """4. SIGSTOP a peer (all its processes) for longer than the averaging timeout, then SIGCONT: the others are not
     blocked beyond the timeout; the stalled peer recovers or resyncs."""
     victim = session.pick()
