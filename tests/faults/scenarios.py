@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import urllib.request
@@ -150,6 +151,9 @@ def lying_records(session: Session) -> dict:
     epochs = max(session.epochs(honest)) - epoch0
     per_epoch = (samples() - samples0) / max(1, epochs)
     assert max(session.epochs(honest)) < 10**5, "the epoch jumped"
+    for peer in honest:  # not even for a moment: no honest peer took the liar's step for the swarm's (seen unguarded)
+        steps = [int(n) for n in re.findall(r"step (\d+)", peer.log_path.read_text(errors="replace"))]
+        assert max(steps, default=0) < 10**5, f"{peer.name} believed the liar's step {max(steps)}"
     # without the bounds, every honest peer stepped after each mini-batch (8-24 samples per step); honest peers
     # must still compute a real share of every step's target batch
     assert per_epoch >= TARGET_BATCH / 4, f"honest samples per step fell to {per_epoch:.0f}: the liar drives the epoch"
