@@ -15,6 +15,7 @@ import logging
 import math
 import multiprocessing as mp
 import statistics
+import time
 
 import pydantic.v1 as pydantic
 import torch
@@ -145,6 +146,7 @@ class BoundedProgressTracker(ProgressTracker):
 
     def __init__(self, *args, **kwargs):
         self.dropped_records = 0
+        self._last_warning = -math.inf
         self._epoch_started = get_dht_time()
         self._started_epoch = 0
         super().__init__(*args, **kwargs)
@@ -167,7 +169,10 @@ class BoundedProgressTracker(ProgressTracker):
             )
             if dropped:
                 self.dropped_records += dropped
-                logger.warning("ignored %d implausible training-progress record(s) of other peers", dropped)
+                if time.monotonic() - self._last_warning > 60:  # once a minute, not on every fetch
+                    self._last_warning = time.monotonic()
+                    logger.warning("ignoring implausible training-progress records of other peers (%d so far)",
+                                   self.dropped_records)  # fmt: skip
             expiration = get_dht_time() + self.metadata_expiration
             reported_own = own in metadata
             metadata = {k: ValueWithExpiration(v, expiration) for k, v in kept.items()}
