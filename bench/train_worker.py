@@ -109,9 +109,13 @@ def swarm(args, run, model, result) -> None:
         contributions: dict[int, list[int]] = {}
         pending: list[int] = []
         k = 0
+        compute_s = step_s = 0.0  # time in forward/backward vs in opt.step (accumulation, tracker, averaging)
         while opt.local_epoch < args.steps:
+            began = time.perf_counter()
             loss = model(**next(batches)).loss
             loss.backward()
+            computed = time.perf_counter()
+            compute_s += computed - began
             if not math.isfinite(float(loss.detach())) or not is_finite_gradient(model):
                 opt.zero_grad()
                 k += 1
@@ -119,6 +123,7 @@ def swarm(args, run, model, result) -> None:
             epoch, loads_before = opt.local_epoch, loads[0]
             opt.step()
             opt.zero_grad()
+            step_s += time.perf_counter() - computed
             if loads[0] != loads_before:
                 pending = []  # local progress was discarded while catching up
             else:
@@ -128,7 +133,14 @@ def swarm(args, run, model, result) -> None:
                     pending = []
                     result["steps"].append([time.time(), opt.local_epoch])
             k += 1
-        result.update(rounds=rounds, state_loads=loads[0], contributions=contributions, micro_batches=k)
+        result.update(
+            rounds=rounds,
+            state_loads=loads[0],
+            contributions=contributions,
+            micro_batches=k,
+            compute_s=compute_s,
+            opt_step_s=step_s,
+        )
     finally:
         with keep_request_futures(dht):  # as the peer does: no traceback from hivemind's goodbye store at exit
             opt.shutdown()

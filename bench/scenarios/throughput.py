@@ -38,6 +38,13 @@ def run(workdir, reps: int, quick: bool) -> dict:
                     "samples_per_s": rates[arm],
                     "steps": [r["steps"] for r in records],
                     "rounds": [r.get("rounds") for r in records],
+                    "micro_batches": [r.get("micro_batches") for r in records],
+                    "micro_batches_per_step": [
+                        {e: len(v) for e, v in r.get("contributions", {}).items()} for r in records
+                    ],
+                    "compute_s": [r.get("compute_s") for r in records],
+                    "opt_step_s": [r.get("opt_step_s") for r in records],
+                    "wall_s": [r.get("wall_s") for r in records],
                 }
             )
         step_s = target / rates["swarm"]
