@@ -151,7 +151,7 @@ def soak_section(soak: dict) -> str:
     for key in ("successful_round_share", "final_loss", "final_epoch"):
         lines.append(f"| {key} | {_fmt(soak['churn'][key])} | {_fmt(soak['calm'][key])} |")
     lines += ["", "Per peer (churn run): peak RSS (MiB) and open fds in the first and last third of each process life "
-              "summed over its restarts:", "", "| peer | RSS first | RSS last | fds first | fds last |",
+              "the highest over its restarts:", "", "| peer | RSS first | RSS last | fds first | fds last |",
               "|---|---:|---:|---:|---:|"]  # fmt: skip
     for name, p in soak["churn"]["per_peer"].items():
         lines.append(f"| {name} | {p['rss_first']:.0f} | {p['rss_last']:.0f} | {p['fds_first']} | {p['fds_last']} |")
