@@ -61,6 +61,7 @@ def one(workdir, rep: int, first_epoch: int) -> dict:
         download_s = metric(pb, "bertswarm_peer_state_download_seconds")
         intervals = [t2 - t1 for (t1, _), (t2, _) in zip(epochs, epochs[1:], strict=False)]
         return {
+            "to_join_line_s": t_line,
             "to_state_s": t_state,
             "to_contribution_s": t_contrib,
             "download_s": download_s,
