@@ -108,7 +108,10 @@ def render(results: list[dict]) -> str:
     ]
     if results:
         facts = results[0].get("machine", {})
-        loads = [r["loadavg_1m"]["median"] for r in results if (r.get("loadavg_1m") or {}).get("median") is not None]
+        named = [
+            (r["scenario"], r["loadavg_1m"]["median"]) for r in results if (r.get("loadavg_1m") or {}).get("median")
+        ]
+        loads = [load for _, load in named]
         lines += [
             "## Machine",
             "",
@@ -116,7 +119,8 @@ def render(results: list[dict]) -> str:
             f"{facts.get('python')}, torch {facts.get('torch')}, hivemind {facts.get('hivemind')}",
             f"- run started {facts.get('date')}; 1-minute load average during the scenarios: "
             + (
-                f"median {sorted(loads)[len(loads) // 2]:.2f}, per scenario {', '.join(f'{x:.2f}' for x in loads)}"
+                f"median {sorted(loads)[len(loads) // 2]:.2f}; per scenario: "
+                + ", ".join(f"{name} {load:.2f}" for name, load in named)
                 if loads
                 else "n/a"
             ),
