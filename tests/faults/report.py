@@ -114,7 +114,8 @@ def write(raw: dict, path: Path = DOC) -> str:
         "- **6** `rejected_contributions`: non-finite contributions dropped by the honest peers' reducers; "
         "`bad_peer_skipped_steps`: optimizer steps the bad peer refused to apply.",
         "- **7** `honest_samples_per_step`: samples the honest peers computed per global step with the liar present "
-        "(target 192; without the bounds it fell to one mini-batch per peer); `coordinator_*`: its /status figures.",
+        "(target 192); the scenario also fails if any honest log ever names the liar's step (an unguarded peer took "
+        "step 1000008 for the swarm's and tried to download it); `coordinator_*`: its /status figures.",
         "- **8** time from process start to the one-line answer; `unreachable_join_s` waits `--startup-timeout 10`.",
     ]
     lines += ["", "## Weaknesses the suite found, and the fixes", ""]
