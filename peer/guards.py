@@ -98,7 +98,7 @@ class BoundedProgress(pydantic.BaseModel):
 
 
 def sanitize_progress(
-    records: dict[bytes, dict], local: dict, *, now: float, epoch_started: float, target_batch_size: int
+    records: dict[bytes, dict], local: dict, *, now: float, epoch_started: float | None, target_batch_size: int
 ) -> tuple[dict[bytes, dict], int]:
     """Bounded, majority-checked progress records (``local`` is this peer's own, trusted); returns (kept, dropped).
 
@@ -107,7 +107,8 @@ def sanitize_progress(
       one step ahead of it is dropped (a minority cannot move the epoch; a joiner still follows a majority ahead);
     - throughput counts for at most ``SPS_FACTOR`` x the median (low) throughput, this peer's included;
     - samples at this peer's epoch (reported, plus hivemind's extrapolation since the report) count for at most what
-      that capped throughput yields since the epoch began here.
+      that capped throughput yields since the epoch began here; with ``epoch_started`` None (this peer did not see
+      its epoch begin: at start-up and after loading state) they are capped at the target batch only.
     """
     parsed, dropped = {}, 0
     for key, value in records.items():
@@ -121,9 +122,10 @@ def sanitize_progress(
     if not local["client_mode"]:
         epochs.append(local["epoch"])
     reference = statistics.median_high(epochs) if epochs else local["epoch"]
-    rates = [p.samples_per_second for p in parsed.values()] + [local["samples_per_second"]]
-    sps_cap = SPS_FACTOR * max(statistics.median_low(rates), local["samples_per_second"], 1e-3)
-    elapsed = max(0.0, now - epoch_started)
+    # hivemind reports ~0 samples/s until a peer's first update: such records say nothing about the swarm's speed (they
+    # capped a fast peer's rate to ~0 in a slow starter's view, which then missed the swarm's first step)
+    rates = [r for r in [p.samples_per_second for p in parsed.values()] + [local["samples_per_second"]] if r > 1e-3]
+    sps_cap = SPS_FACTOR * max(statistics.median_low(rates), local["samples_per_second"]) if rates else math.inf
     kept = {}
     for key, p in parsed.items():
         if p.epoch > reference + 1:
@@ -132,8 +134,10 @@ def sanitize_progress(
         sps = min(p.samples_per_second, sps_cap)
         samples = p.samples_accumulated
         record_time = min(p.time, now)
-        if p.epoch == local["epoch"]:
-            cap = sps * (elapsed + SAMPLES_SLACK_SECONDS)
+        if p.epoch == local["epoch"] and epoch_started is None:
+            samples = min(samples, target_batch_size)
+        elif p.epoch == local["epoch"]:
+            cap = sps * (max(0.0, now - epoch_started) + SAMPLES_SLACK_SECONDS)
             samples = min(samples, int(cap), target_batch_size)
             # hivemind adds (now - time) x throughput to a record's samples: keep that estimate within the cap too
             record_time = max(record_time, epoch_started, now - (cap - samples) / max(sps, 1e-9))
@@ -147,13 +151,18 @@ class BoundedProgressTracker(ProgressTracker):
     def __init__(self, *args, **kwargs):
         self.dropped_records = 0
         self._last_warning = -math.inf
-        self._epoch_started = get_dht_time()
-        self._started_epoch = 0
+        # when this peer entered its current epoch, if it saw that happen: only an epoch entered by a global step (one
+        # more than the last) began together with the swarm's. At start-up and after loading state the others may
+        # have accumulated samples for a while already; capping them by this peer's own time in the epoch made it miss
+        # the swarm's first step (a solo round, seen in the equivalence test).
+        self._epoch_started: float | None = None
+        self._started_epoch: int | None = None
         super().__init__(*args, **kwargs)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         if local_epoch != self._started_epoch:
-            self._started_epoch, self._epoch_started = local_epoch, get_dht_time()
+            stepped = self._started_epoch is not None and local_epoch == self._started_epoch + 1
+            self._started_epoch, self._epoch_started = local_epoch, (get_dht_time() if stepped else None)
         super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
 
     def _parse_swarm_progress_data(self, metadata):

@@ -50,6 +50,32 @@ def test_out_of_bounds_records_are_dropped_and_absurd_claims_capped():
     assert estimate <= cap + 1e-6
 
 
+def test_before_a_peer_saw_its_epoch_begin_others_samples_are_capped_at_the_target_only():
+    """At start-up or after loading state, the others may have accumulated for a while: a peer that capped them by its
+    own time in the epoch missed the swarm's step (a solo round)."""
+    records = {b"early": progress(samples=150, sps=10.0), b"liar": progress(samples=10**8, sps=1e5)}
+    kept, dropped = guards.sanitize_progress(records, progress(samples=0), now=NOW, epoch_started=None,
+                                             target_batch_size=192)  # fmt: skip
+    assert dropped == 0
+    assert kept[b"early"]["samples_accumulated"] == 150  # capped by time it would have been ~40
+    assert kept[b"liar"]["samples_accumulated"] == 192 and kept[b"liar"]["samples_per_second"] <= 40.0
+
+
+def test_the_tracker_caps_by_time_only_in_epochs_it_entered_by_a_global_step(monkeypatch):
+    tracker = guards.BoundedProgressTracker.__new__(guards.BoundedProgressTracker)  # bookkeeping only, no DHT
+    tracker._epoch_started, tracker._started_epoch = None, None
+    seen = []
+    monkeypatch.setattr(guards.ProgressTracker, "report_local_progress", lambda self, *a, **k: seen.append(a))
+    tracker.report_local_progress(0, 0)  # start-up
+    assert tracker._epoch_started is None
+    tracker.report_local_progress(1, 0)  # a global step: the epoch began here, with the swarm
+    assert tracker._epoch_started is not None
+    tracker.report_local_progress(57, 0)  # loaded the swarm's state: did not see epoch 57 begin
+    assert tracker._epoch_started is None
+    tracker.report_local_progress(58, 0)
+    assert tracker._epoch_started is not None and len(seen) == 4
+
+
 def reduce(parts_by_sender, weights):
     async def run():
         reducer = guards.FiniteTensorPartReducer([parts_by_sender[0].shape], len(parts_by_sender))
