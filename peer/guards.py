@@ -151,31 +151,44 @@ class BoundedProgressTracker(ProgressTracker):
     def __init__(self, *args, **kwargs):
         self.dropped_records = 0
         self._last_warning = -math.inf
-        # when this peer entered its current epoch, if it saw that happen: only an epoch entered by a global step (one
-        # more than the last) began together with the swarm's. At start-up and after loading state the others may
-        # have accumulated samples for a while already; capping them by this peer's own time in the epoch made it miss
-        # the swarm's first step (a solo round, seen in the equivalence test).
+        # When the swarm's current epoch began, as far as this peer can tell: the earlier of its own entry and the first
+        # kept record of another peer in that epoch (a peer whose round ends late enters after the others have been
+        # accumulating; capping their samples by its own time in the epoch made it miss their next round). Only an
+        # epoch entered by a global step (one more than the last) is timed: at start-up and after loading state the
+        # others may have accumulated for a while already (a solo first round in the equivalence test).
         self._epoch_started: float | None = None
         self._started_epoch: int | None = None
+        self._first_seen: dict[int, float] = {}
         super().__init__(*args, **kwargs)
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True):
         if local_epoch != self._started_epoch:
             stepped = self._started_epoch is not None and local_epoch == self._started_epoch + 1
-            self._started_epoch, self._epoch_started = local_epoch, (get_dht_time() if stepped else None)
+            now = get_dht_time()
+            self._epoch_started = min(now, self._first_seen.get(local_epoch, now)) if stepped else None
+            self._started_epoch = local_epoch
+            self._first_seen = {e: t for e, t in self._first_seen.items() if e > local_epoch}
         super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+
+    def _note_epochs_seen(self, kept: dict[bytes, dict], now: float) -> None:
+        """Remember when another peer was first seen in an epoch ahead of this one (at most one ahead is kept)."""
+        for record in kept.values():
+            if self._started_epoch is not None and record["epoch"] > self._started_epoch:
+                self._first_seen.setdefault(record["epoch"], now)
 
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict) and metadata:
             own = self._local_public_key
             others = {k: v.value for k, v in metadata.items() if k != own and isinstance(v, ValueWithExpiration)}
+            now = get_dht_time()
             kept, dropped = sanitize_progress(
                 others,
                 self.local_progress.dict(),
-                now=get_dht_time(),
+                now=now,
                 epoch_started=self._epoch_started,
                 target_batch_size=self.target_batch_size,
             )
+            self._note_epochs_seen(kept, now)
             if dropped:
                 self.dropped_records += dropped
                 if time.monotonic() - self._last_warning > 60:  # once a minute, not on every fetch

@@ -62,8 +62,12 @@ def test_before_a_peer_saw_its_epoch_begin_others_samples_are_capped_at_the_targ
 
 
 def test_the_tracker_caps_by_time_only_in_epochs_it_entered_by_a_global_step(monkeypatch):
-    tracker = guards.BoundedProgressTracker.__new__(guards.BoundedProgressTracker)  # bookkeeping only, no DHT
-    tracker._epoch_started, tracker._started_epoch = None, None
+    class Bare(guards.BoundedProgressTracker):  # bookkeeping only: no DHT, no thread
+        def __del__(self):
+            pass
+
+    tracker = Bare.__new__(Bare)
+    tracker._epoch_started, tracker._started_epoch, tracker._first_seen = None, None, {}
     seen = []
     monkeypatch.setattr(guards.ProgressTracker, "report_local_progress", lambda self, *a, **k: seen.append(a))
     tracker.report_local_progress(0, 0)  # start-up
@@ -74,6 +78,10 @@ def test_the_tracker_caps_by_time_only_in_epochs_it_entered_by_a_global_step(mon
     assert tracker._epoch_started is None
     tracker.report_local_progress(58, 0)
     assert tracker._epoch_started is not None and len(seen) == 4
+    # the others entered epoch 59 first (seen at t=1.0); this peer's own round ended later: the epoch began at 1.0
+    tracker._note_epochs_seen({b"a": progress(epoch=59), b"b": progress(epoch=58)}, now=1.0)
+    tracker.report_local_progress(59, 0)
+    assert tracker._epoch_started == 1.0 and tracker._first_seen == {}
 
 
 def reduce(parts_by_sender, weights):
