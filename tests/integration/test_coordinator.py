@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.binaries import require_binary
+
 from .conftest import saved_state
 
 pytestmark = pytest.mark.swarm
@@ -113,15 +115,10 @@ def test_coordinator_metrics_checkpoints_and_restart(swarm, tmp_path, monkeypatc
 
 def promtool_check_metrics(text: str) -> None:
     """``promtool check metrics`` (Debian's prometheus package; .ci/run installs it) must accept the exposition."""
-    import os
-    import shutil
     import subprocess
 
-    if shutil.which("promtool") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing in CI: .ci/run must install Debian's prometheus package")
-        pytest.skip("promtool not installed (apt-get install prometheus); CI runs this check")
-    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    promtool = require_binary("promtool")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

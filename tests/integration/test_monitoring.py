@@ -5,27 +5,19 @@ and no alert may fire on the healthy swarm."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import urllib.parse
 import urllib.request
 
 import pytest
 
 from monitoring import build, local
+from tests.binaries import require_binary
 from tests.integration.conftest import free_port
 from tests.unit.test_monitoring import dashboard_exprs
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
 
 RATE_WINDOW = "30s"  # what Grafana's $__rate_interval becomes here: the test scrapes every second
-
-
-def prometheus_binary() -> None:
-    if shutil.which("prometheus") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the prometheus binary is missing in CI; .ci/run installs Debian's prometheus package")
-        pytest.skip("prometheus not installed (apt-get install prometheus); CI runs this test")
 
 
 class PrometheusAPI:
@@ -48,7 +40,7 @@ def grafana_to_promql(expr: str) -> str:
 
 
 def test_prometheus_sees_every_panel_and_rule_on_a_live_swarm(swarm, tmp_path):
-    prometheus_binary()
+    require_binary("prometheus")
     first = swarm.start("peer-0")
     first.wait_for_join_address(timeout=90)
     second = swarm.start("peer-1", join=first)

@@ -5,9 +5,7 @@ tests/integration/test_monitoring.py."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -17,6 +15,7 @@ from coordinator.metrics import SwarmMetrics
 from monitoring import build, local
 from peer import telemetry
 from peer.telemetry import PeerTelemetry
+from tests.binaries import require_binary
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,13 +25,7 @@ NAME = re.compile(r"\bbertswarm_[a-z_]+\b")
 
 
 def promtool() -> str:
-    """promtool's path; without it the test is skipped, except in CI (CI=true), where it must be installed."""
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing in CI; .ci/run installs Debian's prometheus package")
-        pytest.skip("promtool not installed (apt-get install prometheus); CI runs this test")
-    return path
+    return require_binary("promtool")
 
 
 def exported_names() -> set[str]:
