@@ -167,8 +167,8 @@ class LoadSampler:
         return summarize(self.samples) if self.samples else {"median": None, "min": None, "max": None, "n": 0}
 
 
-def process_tree_hwm_bytes(pid: int) -> int:
-    """Sum of peak resident set sizes (VmHWM) of ``pid`` and its descendants (shared memory counted per process)."""
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s descendant processes (not ``pid`` itself), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -177,12 +177,42 @@ def process_tree_hwm_bytes(pid: int) -> int:
             stat = (entry / "stat").read_text()
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
+    found, todo = [], list(children.get(pid, []))
     while todo:
         p = todo.pop()
+        found.append(p)
         todo.extend(children.get(p, []))
+    return found
+
+
+def process_tree_hwm_bytes(pid: int) -> int:
+    """Sum of peak resident set sizes (VmHWM) of ``pid`` and its descendants (shared memory counted per process)."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     total += int(line.split()[1]) * 1024
     return total
+
+
+def _cpu_seconds(stat_path: Path) -> float:
+    """utime + stime of one /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat, in seconds."""
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_breakdown(pid: int | None = None, roles: dict[int, str] | None = None) -> dict:
+    """CPU seconds used so far by ``pid``'s main thread, its other threads, and each descendant process (named by
+    ``roles`` where given, else by its command name): where a peer's CPU goes besides its training loop."""
+    pid, roles = pid or os.getpid(), roles or {}
+    out = {"main_thread_s": 0.0, "other_threads_s": 0.0, "children_s": {}}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            key = "main_thread_s" if int(task.name) == pid else "other_threads_s"
+            out[key] += _cpu_seconds(task / "stat")
+    for child in _descendants(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            name = roles.get(child) or Path(f"/proc/{child}/comm").read_text().strip()
+            out["children_s"][f"{name}-{child}"] = _cpu_seconds(Path(f"/proc/{child}/stat"))
+    return out

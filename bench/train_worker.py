@@ -18,6 +18,7 @@ import torch
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from bench import workload
+from bench.common import cpu_breakdown
 from peer.optim import is_finite_gradient, make_optimizer, optimizer_factory, param_groups, scheduler_factory
 
 COMPRESSIONS = ("none", "fp16", "int8")
@@ -62,6 +63,8 @@ def main(argv=None) -> None:
     model = workload.model_for(run)
     result = {"mode": args.mode, "name": args.name, "index": args.index, "peers": args.peers, "steps": []}
     started = time.time()
+    # seconds since the process started at which each phase ended: where an arm's time goes besides training
+    result["phases"] = {"imports_and_model": started - _process_start_time()}
     if args.mode == "swarm":
         swarm(args, run, model, result)
     elif args.mode == "single":
@@ -71,6 +74,7 @@ def main(argv=None) -> None:
     result["wall_s"] = time.time() - started
     if args.eval:
         result["heldout_loss"] = workload.heldout_loss(model, run)
+    result["phases"]["done"] = time.time() - _process_start_time()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result))
     print("DONE", flush=True)
@@ -89,6 +93,7 @@ def swarm(args, run, model, result) -> None:
         state_dir=str(args.out / f"state-{args.name}"),
     )
     dht = start_dht(cfg)
+    _phase(result, "dht_started")
     print("ADDRESS", join_addresses(dht)[0], flush=True)
     extra = {} if args.compression is None else {"grad_compression": compression(args.compression)}
     rounds, loads = [], [0]
@@ -103,19 +108,25 @@ def swarm(args, run, model, result) -> None:
         on_state_loaded=lambda seconds: loads.__setitem__(0, loads[0] + 1),
         **extra,
     )
+    _phase(result, "optimizer_created")
     try:
         _wait_for_peers(dht, args)
+        _phase(result, "peers_ready")
         batches = workload.stream(run, args.batch, workload.peer_seed(args.index))
         contributions: dict[int, list[int]] = {}
         pending: list[int] = []
         k = 0
-        compute_s = step_s = 0.0  # time in forward/backward vs in opt.step (accumulation, tracker, averaging)
+        # wall time in forward/backward vs in opt.step (accumulation, tracker, averaging); CPU time of forward/backward
+        compute_s = step_s = compute_cpu_s = 0.0
+        roles = {dht.pid: "dht", opt.state_averager.pid: "state_averager", opt.grad_averager.pid: "grad_averager"}
+        cpu_before = cpu_breakdown(roles=roles)
         while opt.local_epoch < args.steps:
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.thread_time()
             loss = model(**next(batches)).loss
             loss.backward()
             computed = time.perf_counter()
             compute_s += computed - began
+            compute_cpu_s += time.thread_time() - began_cpu
             if not math.isfinite(float(loss.detach())) or not is_finite_gradient(model):
                 opt.zero_grad()
                 k += 1
@@ -133,18 +144,45 @@ def swarm(args, run, model, result) -> None:
                     pending = []
                     result["steps"].append([time.time(), opt.local_epoch])
             k += 1
+        _phase(result, "trained")
         result.update(
             rounds=rounds,
             state_loads=loads[0],
             contributions=contributions,
             micro_batches=k,
             compute_s=compute_s,
+            compute_cpu_s=compute_cpu_s,
             opt_step_s=step_s,
+            cpu_during_training=_cpu_used_since(cpu_before, roles),
         )
     finally:
         with keep_request_futures(dht):  # as the peer does: no traceback from hivemind's goodbye store at exit
             opt.shutdown()
             stop_dht(dht)
+        _phase(result, "shut_down")
+
+
+def _process_start_time() -> float:
+    """Wall-clock time at which this process started (from /proc: includes interpreter start-up and imports)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _phase(result: dict, name: str) -> None:
+    result["phases"][name] = time.time() - _process_start_time()
+
+
+def _cpu_used_since(before: dict, roles: dict[int, str] | None = None) -> dict:
+    """CPU seconds used since ``before`` (a ``cpu_breakdown()``): main thread, other threads, helper processes."""
+    now = cpu_breakdown(roles=roles)
+    children = {name: s - before["children_s"].get(name, 0.0) for name, s in now["children_s"].items()}
+    return {
+        "main_thread_s": now["main_thread_s"] - before["main_thread_s"],
+        "other_threads_s": now["other_threads_s"] - before["other_threads_s"],
+        "children_s": children,
+        "children_total_s": sum(children.values()),
+    }
 
 
 def _wait_for_peers(dht, args) -> None:
@@ -173,15 +211,20 @@ def single(args, run, model, result) -> None:
         n = run.target_batch_size // args.batch
         plan = [[(0, None)] * n for _ in range(args.steps)]
         batches = {0: stream}
+    compute_s, compute_cpu_s, timed = 0.0, 0.0, 0  # single's CPU time counts its main thread only
     for micro in plan:
         for peer, k in micro:
+            began, began_cpu = time.perf_counter(), time.thread_time()
             batch = next(batches[peer]) if k is None else batches[peer].get(k)
             (model(**batch).loss / len(micro)).backward()
+            compute_s, timed = compute_s + time.perf_counter() - began, timed + 1
+            compute_cpu_s += time.thread_time() - began_cpu
         opt.step()
         sched.step()
         opt.zero_grad()
         result["steps"].append([time.time(), len(result["steps"]) + 1])
-    result["samples"] = sum(len(m) for m in plan) * args.batch
+    result.update(samples=sum(len(m) for m in plan) * args.batch, compute_s=compute_s, micro_batches=timed,
+                  compute_cpu_s=compute_cpu_s)  # fmt: skip
 
 
 class _Indexed:
@@ -219,11 +262,17 @@ def ddp(args, run, model, result) -> None:
         n = run.target_batch_size // args.batch // args.peers  # micro-batches per rank: same global batch
         stream = workload.stream(run, args.batch, workload.peer_seed(args.index))
         dist.barrier()
+        # forward/backward of the no_sync micro-batches (the last one of a step also all-reduces)
+        compute_s, compute_cpu_s, timed = 0.0, 0.0, 0
+        cpu_before = cpu_breakdown()
         for _ in range(args.steps):
             for i in range(n):
                 if i < n - 1:
+                    began, began_cpu = time.perf_counter(), time.thread_time()
                     with ddp_model.no_sync():
                         (ddp_model(**next(stream)).loss / n).backward()
+                    compute_s, timed = compute_s + time.perf_counter() - began, timed + 1
+                    compute_cpu_s += time.thread_time() - began_cpu
                 else:
                     (ddp_model(**next(stream)).loss / n).backward()  # all-reduce (mean over ranks) here
             opt.step()
@@ -231,6 +280,8 @@ def ddp(args, run, model, result) -> None:
             opt.zero_grad()
             result["steps"].append([time.time(), len(result["steps"]) + 1])
         dist.barrier()
+        result.update(compute_s=compute_s, compute_cpu_s=compute_cpu_s, micro_batches=timed,
+                      cpu_during_training=_cpu_used_since(cpu_before))  # fmt: skip
     finally:
         dist.destroy_process_group()
 

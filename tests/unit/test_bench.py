@@ -74,3 +74,48 @@ def test_single_process_arm_trains_the_global_batch(tmp_path):
     assert record["samples"] == 2 * 16  # every step saw exactly the global batch
     assert record["steps"][0][0] < record["steps"][1][0]
     assert 0 < record["heldout_loss"] < math.log(8192) + 2  # an untrained model's MLM loss is about ln(vocab)
+
+
+def test_throughput_diagnostics_from_worker_records():
+    from bench.scenarios import throughput
+
+    # two peers: step 0 is the tracker's warm-up and excluded; steps 1 and 2 took 10 and 12 micro-batches of 8 needed
+    records = [
+        {"contributions": {"0": [0, 1, 2], "1": [3, 4, 5, 6, 7], "2": [8, 9, 10, 11, 12, 13]}},
+        {"contributions": {"0": [0], "1": [1, 2, 3, 4, 5], "2": [6, 7, 8, 9, 10, 11]}},
+    ]
+    assert throughput._overshoot(records, needed=8) == pytest.approx(11 / 8)
+    timed = [{"compute_s": 3.0, "micro_batches": 10}, {"compute_s": 5.0, "micro_batches": 10}, {"compute_s": None}]
+    assert throughput._seconds_per_micro_batch(timed) == pytest.approx(0.4)
+    cpu = [
+        {"cpu_during_training": {"main_thread_s": 10.0, "other_threads_s": 1.0, "children_total_s": 9.0}},
+        {"cpu_during_training": {"main_thread_s": 4.0, "other_threads_s": 0.0, "children_total_s": 2.0}},
+    ]
+    assert throughput._cpu_beside_training(cpu) == pytest.approx((1.0 + 0.5) / 2)
+
+
+SPIN_THEN_WAIT = (
+    "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\nsys.stdin.read()"
+)
+
+
+@pytest.mark.timeout(30)
+def test_cpu_breakdown_names_helpers_and_counts_their_cpu():
+    import subprocess
+    import sys
+    import time
+
+    from bench.common import cpu_breakdown
+
+    busy = subprocess.Popen([sys.executable, "-c", SPIN_THEN_WAIT], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # until the child has spun its 0.5 s of CPU (or the deadline, and the assertion says why)
+            cpu = cpu_breakdown(roles={busy.pid: "spinner"})
+            if cpu["children_s"].get(f"spinner-{busy.pid}", 0) >= 0.5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert cpu["children_s"][f"spinner-{busy.pid}"] >= 0.5
+        assert cpu["main_thread_s"] > 0
+    finally:
+        busy.communicate(b"")
