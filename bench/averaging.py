@@ -68,6 +68,14 @@ def round_times(results: list[dict], compression: str) -> list[float]:
     return out
 
 
+def relative_errors(results: list[dict], compression: str) -> list[float]:
+    """Per round: the worst peer's relative L2 error of its averaged vector against the true mean."""
+    return [
+        max(res["rounds"][compression][r].get("relative_error", float("nan")) for res in results)
+        for r in range(len(results[0]["rounds"][compression]))
+    ]
+
+
 def failed_rounds(results: list[dict], compression: str) -> int:
     return sum(
         not all(res["rounds"][compression][r]["ok"] for res in results)

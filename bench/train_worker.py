@@ -19,15 +19,15 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from bench import workload
 from bench.common import cpu_breakdown
-from peer.optim import is_finite_gradient, make_optimizer, optimizer_factory, param_groups, scheduler_factory
-
-COMPRESSIONS = ("none", "fp16", "int8")
-
-
-def compression(name: str):
-    from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
-
-    return {"none": NoCompression, "fp16": Float16Compression, "int8": Uniform8BitQuantization}[name]()
+from peer.config import GRAD_COMPRESSIONS
+from peer.optim import (
+    grad_compression,
+    is_finite_gradient,
+    make_optimizer,
+    optimizer_factory,
+    param_groups,
+    scheduler_factory,
+)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--master-port", type=int, default=0)
     p.add_argument("--matchmaking-time", type=float, default=None)
     p.add_argument("--averaging-timeout", type=float, default=None)
-    p.add_argument("--compression", choices=COMPRESSIONS, default=None)
+    p.add_argument("--compression", choices=GRAD_COMPRESSIONS, default=None)
     p.add_argument("--replay", type=Path, nargs="*", default=None, help="single: replay these swarm records")
     p.add_argument("--eval", action="store_true", help="held-out MLM loss at the end")
     return p.parse_args(argv)
@@ -95,7 +95,7 @@ def swarm(args, run, model, result) -> None:
     dht = start_dht(cfg)
     _phase(result, "dht_started")
     print("ADDRESS", join_addresses(dht)[0], flush=True)
-    extra = {} if args.compression is None else {"grad_compression": compression(args.compression)}
+    extra = {} if args.compression is None else {"grad_compression": grad_compression(args.compression)}
     rounds, loads = [], [0]
     opt = make_optimizer(
         model,

@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterable
 from functools import partial
 
 import hivemind
+import numpy as np
 import torch
 from hivemind.averaging.control import AveragingStage
-from hivemind.compression import CompressionBase, NoCompression
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.compression.quantization import Quantization
 from hivemind.optim.grad_averager import GradientAverager
 
 from peer import guards
@@ -33,6 +35,29 @@ logger = logging.getLogger(__name__)
 
 
 STATE_AVERAGING_EVERY = 10  # global steps between parameter/optimizer-state averaging rounds
+# --grad-compression: what this peer puts on the wire for its gradient parts. Each part carries its compression, so
+# peers with different settings average together; the reduction itself is in fp32.
+GRAD_COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "int8": Uniform8BitQuantization}
+
+
+def grad_compression(name: str) -> CompressionBase:
+    return GRAD_COMPRESSION[name]()
+
+
+def _extract_quantized(self, serialized_tensor):
+    """hivemind 1.1.12's ``Quantization.extract`` with its one incompatibility fixed: it calls ``int()`` on a
+    one-element array, which NumPy >= 2.4 refuses, so every received 8-bit part failed to decode and hivemind's
+    all-reduce silently kept the local values of that part (the round still reported success)."""
+    buffer = serialized_tensor.buffer
+    codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+    codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+    quantized = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+    quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
+    codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+    return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
+
+
+Quantization.extract = _extract_quantized  # every 8-bit decoder (hivemind's registry holds instances of subclasses)
 
 
 class ClippingMixin:
