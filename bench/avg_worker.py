@@ -76,7 +76,8 @@ def hivemind_peer(args) -> None:
                 rounds[name].append(
                     {"ok": finished and error < MAX_RELATIVE_ERROR[name], "relative_error": error,
                      "allreduce_s": ended - (began or called), "total_s": ended - called,
-                     "group": len(control.result()) if finished else 0}
+                     "group": len(control.result()) if finished else 0,
+                     "error": "" if finished else repr(control.exception())[:300]}
                 )  # fmt: skip
         result = {
             "numel": sum(s.numel() for s in shapes),

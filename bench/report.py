@@ -117,14 +117,15 @@ def render(results: list[dict]) -> str:
             "",
             f"- {facts.get('nproc')} CPUs ({facts.get('cpu')}), Linux {facts.get('kernel')}, Python "
             f"{facts.get('python')}, torch {facts.get('torch')}, hivemind {facts.get('hivemind')}",
-            f"- run started {facts.get('date')}; 1-minute load average during the scenarios: "
+            "- scenarios run (each scenario's JSON keeps its own date): "
+            + ", ".join(sorted({str(r.get("machine", {}).get("date")) for r in results})),
+            "- 1-minute load average during the scenarios (their own processes count): "
             + (
                 f"median {sorted(loads)[len(loads) // 2]:.2f}; per scenario: "
                 + ", ".join(f"{name} {load:.2f}" for name, load in named)
                 if loads
                 else "n/a"
             ),
-            "- other work shared the machine during the run (two other engineers' test runs); see per-scenario load",
             "",
             "## Goals",
             "",

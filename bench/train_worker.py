@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -65,12 +66,19 @@ def main(argv=None) -> None:
     started = time.time()
     # seconds since the process started at which each phase ended: where an arm's time goes besides training
     result["phases"] = {"imports_and_model": started - _process_start_time()}
+    finish = partial(_finish, args, run, model, result, started)
     if args.mode == "swarm":
-        swarm(args, run, model, result)
+        swarm(args, run, model, result, finish)
     elif args.mode == "single":
         single(args, run, model, result)
+        finish()
     else:
         ddp(args, run, model, result)
+        finish()
+
+
+def _finish(args, run, model, result: dict, started: float) -> None:
+    """Evaluate, write ``<out>/<name>.json`` and print DONE (the launcher then stops the whole process group)."""
     result["wall_s"] = time.time() - started
     if args.eval:
         result["heldout_loss"] = workload.heldout_loss(model, run)
@@ -80,7 +88,7 @@ def main(argv=None) -> None:
     print("DONE", flush=True)
 
 
-def swarm(args, run, model, result) -> None:
+def swarm(args, run, model, result, finish) -> None:
     from peer.config import PeerConfig
     from peer.swarm import join_addresses, keep_request_futures, start_dht, stop_dht
 
@@ -155,11 +163,13 @@ def swarm(args, run, model, result) -> None:
             opt_step_s=step_s,
             cpu_during_training=_cpu_used_since(cpu_before, roles),
         )
+        # done before hivemind's shutdown, which takes up to ~10 s and measures nothing; the launcher stops the
+        # worker's process group once every peer is done
+        finish()
     finally:
         with keep_request_futures(dht):  # as the peer does: no traceback from hivemind's goodbye store at exit
             opt.shutdown()
             stop_dht(dht)
-        _phase(result, "shut_down")
 
 
 def _process_start_time() -> float:

@@ -5,6 +5,7 @@ which global step; the reference regenerates them from the same deterministic st
 from __future__ import annotations
 
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 
 from bench import arms
 
@@ -13,7 +14,7 @@ TITLE = "3. Quality parity: held-out MLM loss, swarm vs one process on the same 
 
 
 def config(quick: bool) -> dict:
-    return dict(preset="tiny", seq_len=64, batch=16, target=128, warmup=3, steps=3 if quick else 5, eval=True)
+    return dict(preset="tiny", seq_len=64, batch=16, target=128, warmup=3, steps=3 if quick else 4, eval=True)
 
 
 def run(workdir, reps: int, quick: bool) -> dict:
@@ -21,23 +22,30 @@ def run(workdir, reps: int, quick: bool) -> dict:
     arms_list = [("2 peers fp32", 2, None), ("4 peers fp32", 4, None), ("2 peers fp16", 2, "fp16")]
     if quick:
         arms_list = arms_list[:1]
-    raw = {label: [] for label, _, _ in arms_list}
+    swarms = []  # (label, the swarm's records), in the order they ran
     for rep in range(reps):
         for label, peers, compression in arms_list[rep % len(arms_list) :] + arms_list[: rep % len(arms_list)]:
-            records = arms.run_swarm(workdir, {**cfg, "compression": compression}, peers, timeout=400)
-            # one thread: the reference's speed is not measured here, and 2 threads stall badly on a loaded machine
-            reference = arms.run_single(workdir, cfg, threads=1, timeout=300, replay=[r["path"] for r in records])
-            swarm_loss = statistics.mean(r["heldout_loss"] for r in records)
-            raw[label].append(
-                {
-                    "swarm_loss": swarm_loss,
-                    "peer_losses": [r["heldout_loss"] for r in records],
-                    "reference_loss": reference["heldout_loss"],
-                    "samples": reference["samples"],
-                    "rounds": [r["rounds"] for r in records],
-                    "state_loads": [r["state_loads"] for r in records],
-                }
-            )
+            swarms.append((label, arms.run_swarm(workdir, {**cfg, "compression": compression}, peers, timeout=400)))
+
+    def replay(records: list[dict]) -> dict:
+        # one thread each: the reference's speed is not measured, only its loss
+        return arms.run_single(workdir, cfg, threads=1, timeout=300, replay=[r["path"] for r in records])
+
+    # the references replay recorded batches deterministically, so they run two at a time once the swarms are done
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        references = list(pool.map(replay, [records for _, records in swarms]))
+    raw = {label: [] for label, _, _ in arms_list}
+    for (label, records), reference in zip(swarms, references, strict=True):
+        raw[label].append(
+            {
+                "swarm_loss": statistics.mean(r["heldout_loss"] for r in records),
+                "peer_losses": [r["heldout_loss"] for r in records],
+                "reference_loss": reference["heldout_loss"],
+                "samples": reference["samples"],
+                "rounds": [r["rounds"] for r in records],
+                "state_loads": [r["state_loads"] for r in records],
+            }
+        )
     rows = []
     for label, _, compression in arms_list:
         rows.append(

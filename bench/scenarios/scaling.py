@@ -30,6 +30,8 @@ def run(workdir, reps: int, quick: bool) -> dict:
             "times": times,
             "rss_mib": rss,
             "failed": averaging.failed_rounds(results, "none"),
+            "errors": sorted({e["error"] for r in results for e in r["rounds"]["none"] if e.get("error")}),
+            "relative_errors": averaging.relative_errors(results, "none"),
         }
         mb = results[0]["numel"] * 4 / 1e6
         rows.append({"metric": f"{preset} ({mb:.0f} MB fp32), {peers} peers: round", "values": times, "unit": "s"})
