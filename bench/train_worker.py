@@ -20,8 +20,8 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from bench import workload
 from bench.common import cpu_breakdown
-from peer.config import GRAD_COMPRESSIONS
 from peer.optim import (
+    GRAD_COMPRESSIONS,
     grad_compression,
     is_finite_gradient,
     make_optimizer,

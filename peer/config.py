@@ -18,7 +18,6 @@ from peer.errors import UserError
 PRESETS = ("tiny", "mini", "base", "large")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "lamb")
-GRAD_COMPRESSIONS = ("none", "fp16", "int8")
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
@@ -144,12 +143,6 @@ class PeerConfig:
         metavar="SECONDS",
         group="peer",
     )
-    grad_compression: str = setting(
-        f"how this peer sends gradients when averaging, one of {', '.join(GRAD_COMPRESSIONS)}: none is exact, fp16 "
-        "sends half the bytes, int8 a quarter (lossy); try fp16 on links slower than ~100 Mbit/s",
-        default="none",
-        group="peer",
-    )
     metrics_port: int | None = setting(
         "serve Prometheus metrics on this port (0 = any free port; default: off)",
         default=None,
@@ -173,7 +166,6 @@ class PeerConfig:
         _choice("--preset", self.preset, PRESETS)
         _choice("--device", self.device, DEVICES)
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _choice("--grad-compression", self.grad_compression, GRAD_COMPRESSIONS)
         for name in ("seq_len", "target_batch_size", "batch_size", "threads", "max_steps", "total_steps"):
             _positive(name, getattr(self, name))
         if not 8 <= self.seq_len <= 512:

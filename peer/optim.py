@@ -35,9 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 STATE_AVERAGING_EVERY = 10  # global steps between parameter/optimizer-state averaging rounds
-# --grad-compression: what this peer puts on the wire for its gradient parts. Each part carries its compression, so
-# peers with different settings average together; the reduction itself is in fp32.
+# Gradient compressions (benchmarks; make_optimizer's grad_compression). Every peer of a run must use the same one:
+# hivemind splits tensors into parts by the compression's size ratio, so mixed settings never complete a round.
 GRAD_COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "int8": Uniform8BitQuantization}
+GRAD_COMPRESSIONS = tuple(GRAD_COMPRESSION)
 
 
 def grad_compression(name: str) -> CompressionBase:

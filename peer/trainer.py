@@ -28,7 +28,7 @@ from peer.checkpoint import load_checkpoint, verify_run
 from peer.config import PeerConfig
 from peer.errors import UserError
 from peer.model import PRESETS, build_model, count_parameters
-from peer.optim import SwarmOptimizer, grad_compression, is_finite_gradient, make_optimizer
+from peer.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
 from peer.progress import Snapshot, StatusDisplay, Window
 from peer.state import StateDir
 from peer.telemetry import ROUND_OUTCOMES, MetricsPublisher, PeerTelemetry
@@ -143,7 +143,6 @@ class Trainer:
             batch_size=self.batch_size,
             matchmaking_time=cfg.matchmaking_time,
             averaging_timeout=cfg.averaging_timeout,
-            grad_compression=grad_compression(cfg.grad_compression),
             on_round=self._on_round,
             on_state_loaded=self._on_state_loaded,
         )

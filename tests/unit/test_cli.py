@@ -47,7 +47,6 @@ def test_repeatable_join():
     [
         (["--preset", "huge"], "--preset 'huge': unknown; choose one of tiny, mini, base, large"),
         (["--device", "tpu"], "--device"),
-        (["--grad-compression", "zip"], "--grad-compression 'zip': unknown; choose one of none, fp16, int8"),
         (["--batch-size", "0"], "--batch-size 0: must be a positive integer"),
         (["--batch-size", "abc"], "invalid int value"),
         (["--seq-len", "4"], "--seq-len 4"),
