@@ -53,8 +53,9 @@ def _extract_quantized(self, serialized_tensor):
     codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
     codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
     quantized = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
-    quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
-    codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+    # copies: the buffer is read-only, and torch warns about tensors over non-writable arrays
+    quantized = torch.from_numpy(quantized.astype(np.int64)).reshape(tuple(serialized_tensor.size))
+    codebook = torch.from_numpy(codebook.copy()).to(dtype=getattr(torch, serialized_tensor.dtype))
     return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
 
 
