@@ -103,7 +103,9 @@ def initial_tensors(shapes: list[torch.Size], index: int, name: str) -> list[tor
 
 
 def _randn(shape: torch.Size, index: int, name: str, k: int) -> torch.Tensor:
-    seed = index * 1_000_003 + ("none", "fp16", "int8").index(name) * 10_007 + k
+    from peer.optim import GRAD_COMPRESSIONS
+
+    seed = index * 1_000_003 + GRAD_COMPRESSIONS.index(name) * 10_007 + k
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 

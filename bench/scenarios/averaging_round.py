@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 
 from bench import averaging
+from bench.avg_worker import MAX_RELATIVE_ERROR
 
 NAME = "averaging_round"
 TITLE = "2. Averaging round: hivemind vs gloo vs ideal"
@@ -61,7 +62,8 @@ def run(workdir, reps: int, quick: bool) -> dict:
         "hivemind ÷ gloo compares 8-bit hivemind against gloo fp32 (gloo has no 8-bit all-reduce) and fp16 with fp16.",
         "Compressions alternate round by round inside one swarm (interleaved); the first round of each is dropped.",
         "Every peer checks each round's result against the true mean of all peers' initial tensors (it regenerates "
-        "them): a round counts as failed if it raised or if the result is off by more than 1e-4 (none), 1e-2 (fp16) "
-        "or 0.2 (int8) relative L2 error, since hivemind reports success even when a groupmate's parts were not used.",
+        "them): a round counts as failed if it raised or if its relative L2 error exceeds "
+        + ", ".join(f"{limit:g} ({name})" for name, limit in MAX_RELATIVE_ERROR.items())
+        + ", since hivemind reports success even when a groupmate's parts were not used.",
     ]
     return {"config": {"preset": preset, "rounds": rounds}, "rows": rows, "raw": raw, "notes": notes}
