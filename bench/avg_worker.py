@@ -27,7 +27,7 @@ def gradient_shapes(preset: str) -> list[torch.Size]:
     from transformers import BertForMaskedLM
 
     from bench.workload import make_manifest
-    from peer.model import bert_config
+    from peer.run.model import bert_config
 
     with torch.device("meta"):
         model = BertForMaskedLM(bert_config(make_manifest("shapes", preset).model))
@@ -38,7 +38,7 @@ def hivemind_peer(args) -> None:
     import hivemind
     from hivemind.averaging.control import AveragingStage
 
-    from peer.optim import grad_compression as compression
+    from peer.swarm.optim import grad_compression as compression
 
     dht = hivemind.DHT(
         initial_peers=[args.join] if args.join else None, host_maddrs=[f"/ip4/{args.host}/tcp/0"], start=True
@@ -103,7 +103,7 @@ def initial_tensors(shapes: list[torch.Size], index: int, name: str) -> list[tor
 
 
 def _randn(shape: torch.Size, index: int, name: str, k: int) -> torch.Tensor:
-    from peer.optim import GRAD_COMPRESSIONS
+    from peer.swarm.optim import GRAD_COMPRESSIONS
 
     seed = index * 1_000_003 + GRAD_COMPRESSIONS.index(name) * 10_007 + k
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))

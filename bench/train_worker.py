@@ -20,7 +20,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from bench import workload
 from bench.common import cpu_breakdown
-from peer.optim import (
+from peer.swarm.optim import (
     GRAD_COMPRESSIONS,
     grad_compression,
     is_finite_gradient,
@@ -90,7 +90,7 @@ def _finish(args, run, model, result: dict, started: float) -> None:
 
 def swarm(args, run, model, result, finish) -> None:
     from peer.config import PeerConfig
-    from peer.swarm import join_addresses, keep_request_futures, start_dht, stop_dht
+    from peer.swarm.dht import join_addresses, keep_request_futures, start_dht, stop_dht
 
     defaults = PeerConfig()
     matchmaking = args.matchmaking_time or defaults.matchmaking_time

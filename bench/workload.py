@@ -8,11 +8,12 @@ import functools
 
 import torch
 
-from peer import corpus, manifest
-from peer.batches import BatchStream
 from peer.config import PeerConfig
-from peer.model import build_model
-from peer.tokenizer import default_tokenizer, tokenizer_fingerprint
+from peer.data import corpus
+from peer.data.batches import BatchStream
+from peer.data.tokenizer import default_tokenizer, tokenizer_fingerprint
+from peer.run import manifest
+from peer.run.model import build_model
 
 HELDOUT_BATCHES = 8
 HELDOUT_SEED = 12345

@@ -6,7 +6,7 @@ import hashlib
 import statistics
 from dataclasses import dataclass, field
 
-from peer.schema import PeerMetrics
+from peer.run.schema import PeerMetrics
 
 MAX_PEER_LABELS = 50  # per-peer series are limited to the busiest peers: bounded label cardinality
 

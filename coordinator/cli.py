@@ -37,10 +37,12 @@ async def run(cfg: CoordinatorConfig) -> None:
     # heavy imports after the flags are known to be sane
     from coordinator import http
     from coordinator.service import CoordinatorService
-    from peer import corpus, manifest, schema, swarm
-    from peer.batches import heldout_batches
     from peer.config import PeerConfig
-    from peer.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
+    from peer.data import corpus
+    from peer.data.batches import heldout_batches
+    from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
+    from peer.run import manifest, schema
+    from peer.swarm import dht as swarm
 
     check_checkpoint_dir(Path(cfg.checkpoint_dir).expanduser())
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()

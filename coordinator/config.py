@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from peer import addresses
 from peer.config import setting
 from peer.errors import UserError
+from peer.swarm import addresses
 
 _opt = partial(setting, group="coordinator")  # fields without a group belong to the "coordinator" help section
 

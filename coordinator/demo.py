@@ -42,7 +42,7 @@ def run_demo(peers: int, seconds: float, workdir: Path, checkpoint_every: int) -
 
 
 def fill_mask(checkpoints: Path) -> None:
-    from peer.checkpoint import latest_path
+    from peer.store.checkpoint import latest_path
 
     latest = latest_path(checkpoints)
     if latest is None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from peer import checkpoint
 from peer.errors import UserError
+from peer.store import checkpoint
 
 DOWNLOADABLE = {"config.json", "model.safetensors", "bertswarm.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "vocab.txt"}  # fmt: skip

@@ -16,9 +16,10 @@ from coordinator.aggregate import SwarmView, aggregate
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import SwarmMetrics
 from coordinator.snapshot import StateDownloader, all_finite, evaluate
-from peer import checkpoint, schema
 from peer.errors import UserError
-from peer.manifest import RunManifest
+from peer.run import schema
+from peer.run.manifest import RunManifest
+from peer.store import checkpoint
 from peer.telemetry import read_swarm_metrics
 
 logger = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ import hivemind
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from peer.batches import IGNORE_INDEX
-from peer.manifest import RunManifest
-from peer.model import build_model
-from peer.optim import optimizer_factory, param_groups, scheduler_factory
+from peer.data.batches import IGNORE_INDEX
+from peer.run.manifest import RunManifest
+from peer.run.model import build_model
+from peer.swarm.optim import optimizer_factory, param_groups, scheduler_factory
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import yaml
 
 from monitoring import local
 from peer import telemetry as m
-from peer.schema import MAX_LOSS
+from peer.run.schema import MAX_LOSS
 
 HERE = Path(__file__).resolve().parent
 DASHBOARD_DIR = HERE / "grafana" / "dashboards"

@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peer import addresses
 from peer.errors import UserError
+from peer.swarm import addresses
 
 PRESETS = ("tiny", "mini", "base", "large")
 DEVICES = ("auto", "cpu", "cuda")

@@ -14,8 +14,8 @@ import hivemind
 from hivemind.utils import get_dht_time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from peer import schema
 from peer.errors import UserError
+from peer.run import schema
 
 logger = logging.getLogger(__name__)
 

@@ -22,17 +22,21 @@ import hivemind
 import torch
 from hivemind.utils import get_dht_time
 
-from peer import corpus, faults, guards, manifest, schema, swarm
-from peer.batches import BatchStream
-from peer.checkpoint import load_checkpoint, verify_run
 from peer.config import PeerConfig
+from peer.data import corpus
+from peer.data.batches import BatchStream
+from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
 from peer.errors import UserError
-from peer.model import PRESETS, build_model, count_parameters
-from peer.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
 from peer.progress import Snapshot, StatusDisplay, Window
-from peer.state import StateDir
+from peer.run import manifest, schema
+from peer.run.model import PRESETS, build_model, count_parameters
+from peer.store.checkpoint import load_checkpoint, verify_run
+from peer.store.state import StateDir
+from peer.swarm import dht as swarm
+from peer.swarm import guards
+from peer.swarm.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
 from peer.telemetry import ROUND_OUTCOMES, MetricsPublisher, PeerTelemetry
-from peer.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
+from peer.testing import faults
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,14 @@ from pathlib import Path
 
 import tokenizers
 
-from peer.corpus import corpus_fingerprint, default_corpus, split_heldout
-from peer.tokenizer import DEFAULT_VOCAB_PATH, DEFAULT_VOCAB_SIZE, build_tokenizer, tokenizer_fingerprint, vocab_tokens
+from peer.data.corpus import corpus_fingerprint, default_corpus, split_heldout
+from peer.data.tokenizer import (
+    DEFAULT_VOCAB_PATH,
+    DEFAULT_VOCAB_SIZE,
+    build_tokenizer,
+    tokenizer_fingerprint,
+    vocab_tokens,
+)
 
 META_PATH = DEFAULT_VOCAB_PATH.with_name("vocab.meta.json")
 

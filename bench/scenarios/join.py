@@ -75,7 +75,7 @@ def one(workdir, rep: int, first_epoch: int) -> dict:
 
 def run(workdir, reps: int, quick: bool) -> dict:
     from bench.workload import make_manifest, model_for
-    from peer.model import count_parameters
+    from peer.run.model import count_parameters
 
     params = count_parameters(model_for(make_manifest("join")))
     state_bytes = 3 * params * 4  # weights + Adam's two moments, fp32

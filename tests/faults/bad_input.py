@@ -61,11 +61,11 @@ class Cases:
 
 def _corrupt_checkpoint(workdir: Path) -> Path:
     """A real checkpoint of this run's tiny model with one flipped byte in its weights."""
-    from peer.checkpoint import write_checkpoint
     from peer.config import PeerConfig
-    from peer.manifest import from_config
-    from peer.model import build_model
-    from peer.tokenizer import default_tokenizer, tokenizer_fingerprint
+    from peer.data.tokenizer import default_tokenizer, tokenizer_fingerprint
+    from peer.run.manifest import from_config
+    from peer.run.model import build_model
+    from peer.store.checkpoint import write_checkpoint
 
     tok = default_tokenizer()
     manifest = from_config(PeerConfig().validate(), "bertswarm", tokenizer_fingerprint(tok), tok.get_vocab_size())

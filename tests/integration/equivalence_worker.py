@@ -16,10 +16,10 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from safetensors.torch import save_file
 
 from peer.config import PeerConfig
-from peer.manifest import RunManifest
-from peer.model import build_model
-from peer.optim import make_optimizer
-from peer.swarm import join_addresses, start_dht
+from peer.run.manifest import RunManifest
+from peer.run.model import build_model
+from peer.swarm.dht import join_addresses, start_dht
+from peer.swarm.optim import make_optimizer
 
 BATCH_SIZE, SEQ_LEN = 4, 16
 COMPUTE_SECONDS = 0.3  # a real model's batch takes this long; lets hivemind's progress tracker see both peers

@@ -85,9 +85,9 @@ def test_coordinator_metrics_checkpoints_and_restart(swarm, tmp_path, monkeypatc
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
     from coordinator.snapshot import evaluate
-    from peer.batches import heldout_batches
-    from peer.corpus import load_documents, split_heldout
-    from peer.tokenizer import load_tokenizer
+    from peer.data.batches import heldout_batches
+    from peer.data.corpus import load_documents, split_heldout
+    from peer.data.tokenizer import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = AutoModelForMaskedLM.from_pretrained(path)

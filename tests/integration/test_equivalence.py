@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peer.model import build_model
-from peer.optim import STATE_AVERAGING_EVERY, optimizer_factory, param_groups, scheduler_factory
+from peer.run.model import build_model
+from peer.swarm.optim import STATE_AVERAGING_EVERY, optimizer_factory, param_groups, scheduler_factory
 
 from .equivalence_worker import MANIFEST, make_batch
 

@@ -8,11 +8,11 @@ import signal
 import pytest
 import torch
 
-from peer.batches import heldout_batches
-from peer.corpus import load_documents, split_heldout
-from peer.model import build_model
-from peer.optim import STATE_AVERAGING_EVERY
-from peer.tokenizer import default_tokenizer
+from peer.data.batches import heldout_batches
+from peer.data.corpus import load_documents, split_heldout
+from peer.data.tokenizer import default_tokenizer
+from peer.run.model import build_model
+from peer.swarm.optim import STATE_AVERAGING_EVERY
 
 from .conftest import max_abs_diff, saved_state
 
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.swarm
 def heldout_loss(corpus, tensors: dict[str, torch.Tensor] | None) -> float:
     """MLM loss on held-out text that no peer trained on, for the given weights (None: initial weights)."""
     from peer.config import PeerConfig
-    from peer.manifest import from_config
-    from peer.tokenizer import tokenizer_fingerprint
+    from peer.data.tokenizer import tokenizer_fingerprint
+    from peer.run.manifest import from_config
 
     tok = default_tokenizer()
     manifest = from_config(PeerConfig(seq_len=64).validate(), "bertswarm", tokenizer_fingerprint(tok),

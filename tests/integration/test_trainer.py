@@ -10,10 +10,11 @@ import urllib.request
 import pytest
 import torch
 
-from peer import manifest, schema, swarm
+from peer.data.tokenizer import tokenizer_fingerprint
 from peer.progress import Snapshot, StatusDisplay
+from peer.run import manifest, schema
+from peer.swarm import dht as swarm
 from peer.telemetry import read_swarm_metrics
-from peer.tokenizer import tokenizer_fingerprint
 from peer.trainer import Trainer, prepare
 
 from .conftest import FAST

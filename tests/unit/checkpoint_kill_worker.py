@@ -19,8 +19,8 @@ import signal
 import sys
 from pathlib import Path
 
-from peer import checkpoint
-from peer.tokenizer import load_tokenizer
+from peer.data.tokenizer import load_tokenizer
+from peer.store import checkpoint
 
 OS_STEPS = ("mkdir", "write", "fsync", "rename", "replace", "unlink", "rmdir")
 MODULE_STEPS = ("save_file", "save_tokenizer")  # names bound in peer.checkpoint

@@ -3,9 +3,9 @@
 import pytest
 from hivemind.utils.multiaddr import Multiaddr
 
-from peer.addresses import is_peer_id, parse
 from peer.config import PeerConfig
 from peer.errors import UserError
+from peer.swarm.addresses import is_peer_id, parse
 
 PEER_ID = "12D3KooWB72XDuQv8xY5qFEzdJutWeuR5pJuipzJaK1Z5dD9DKVG"
 

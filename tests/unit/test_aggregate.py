@@ -3,7 +3,7 @@
 import math
 
 from coordinator.aggregate import MAX_PEER_LABELS, aggregate, peer_label
-from peer.schema import PeerMetrics
+from peer.run.schema import PeerMetrics
 
 NOW = 1_000_000.0
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from peer.batches import IGNORE_INDEX, BatchStream, heldout_batches, mask_tokens
-from peer.corpus import clean_prose
+from peer.data.batches import IGNORE_INDEX, BatchStream, heldout_batches, mask_tokens
+from peer.data.corpus import clean_prose
+from peer.data.tokenizer import TokenizerInfo, build_tokenizer, default_tokenizer
 from peer.errors import UserError
-from peer.tokenizer import TokenizerInfo, build_tokenizer, default_tokenizer
 
 KEYS = {"input_ids", "attention_mask", "token_type_ids", "labels"}
 

@@ -24,13 +24,13 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForMaskedLM, pipeline
 
-from peer import checkpoint
-from peer.checkpoint import latest_path, list_checkpoints, load_checkpoint, write_checkpoint
 from peer.config import PeerConfig
+from peer.data.tokenizer import default_tokenizer, tokenizer_fingerprint
 from peer.errors import UserError
-from peer.manifest import from_config
-from peer.model import build_model
-from peer.tokenizer import default_tokenizer, tokenizer_fingerprint
+from peer.run.manifest import from_config
+from peer.run.model import build_model
+from peer.store import checkpoint
+from peer.store.checkpoint import latest_path, list_checkpoints, load_checkpoint, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS = {"mlm_loss": 5.25, "mlm_accuracy": 0.125}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from peer import corpus
-from peer.corpus import clean_prose, default_corpus, load_documents, shard_order, split_heldout
+from peer.data import corpus
+from peer.data.corpus import clean_prose, default_corpus, load_documents, shard_order, split_heldout
 from peer.errors import UserError
 
 # The 20 most frequent words of written English (Oxford English Corpus).

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from peer import guards
-from peer.optim import ClippedAdamW
+from peer.swarm import guards
+from peer.swarm.optim import ClippedAdamW
 
 NOW = 1_000_000.0
 

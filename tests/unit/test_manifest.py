@@ -6,7 +6,7 @@ import pytest
 
 from peer.config import PeerConfig
 from peer.errors import UserError
-from peer.manifest import RunManifest, conflicts, from_config
+from peer.run.manifest import RunManifest, conflicts, from_config
 
 
 def make(**overrides):

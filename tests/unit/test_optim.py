@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from peer.config import PeerConfig
-from peer.manifest import from_config
-from peer.optim import (
+from peer.run.manifest import from_config
+from peer.swarm.optim import (
     GRAD_COMPRESSIONS,
     Lamb,
     grad_compression,

@@ -5,8 +5,9 @@ import time
 import pytest
 from pydantic.v1 import ValidationError
 
-from peer import schema, telemetry
-from peer.model import PRESETS, build_model, count_parameters
+from peer import telemetry
+from peer.run import schema
+from peer.run.model import PRESETS, build_model, count_parameters
 
 
 def valid(**kw):

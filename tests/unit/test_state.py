@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from peer.errors import UserError
-from peer.model import build_model
-from peer.state import StateDir
+from peer.run.model import build_model
+from peer.store.state import StateDir
 
 MODEL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
 

@@ -11,9 +11,8 @@ from pydoc_data.topics import topics
 import pytest
 from tokenizers import Tokenizer, models
 
-from peer.corpus import clean_prose, corpus_fingerprint, default_corpus, split_heldout
-from peer.errors import UserError
-from peer.tokenizer import (
+from peer.data.corpus import clean_prose, corpus_fingerprint, default_corpus, split_heldout
+from peer.data.tokenizer import (
     DEFAULT_VOCAB_PATH,
     SPECIAL_TOKENS,
     TokenizerInfo,
@@ -24,6 +23,7 @@ from peer.tokenizer import (
     save_vocab,
     tokenizer_fingerprint,
 )
+from peer.errors import UserError
 
 SAMPLE = "The quick brown fox jumps over the lazy dog. Tensors are multi-dimensional arrays!"
 
@@ -58,8 +58,8 @@ def test_build_is_deterministic_across_processes(small_tokenizer):
     script = textwrap.dedent(
         """
         from pydoc_data.topics import topics
-        from peer.corpus import clean_prose
-        from peer.tokenizer import build_tokenizer, tokenizer_fingerprint
+        from peer.data.corpus import clean_prose
+        from peer.data.tokenizer import build_tokenizer, tokenizer_fingerprint
         prose = [p for key in sorted(topics) for p in clean_prose(topics[key])]
         print(tokenizer_fingerprint(build_tokenizer(prose, vocab_size=1000)))
         """

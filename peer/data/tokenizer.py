@@ -27,7 +27,7 @@ from peer.errors import UserError
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # in id order for vocabularies built here: [PAD] = 0
 DEFAULT_VOCAB_SIZE = 8192
-DEFAULT_VOCAB_PATH = Path(__file__).parent / "assets" / "vocab.txt"
+DEFAULT_VOCAB_PATH = Path(__file__).parent.parent / "assets" / "vocab.txt"
 _MAX_CHARS_PER_WORD = 100  # longer "words" (hashes, base64) become [UNK], as in BERT
 _LIMIT_ALPHABET = 1000  # most distinct characters kept as single-character tokens (HF BertWordPieceTokenizer default)
 

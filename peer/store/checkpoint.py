@@ -60,12 +60,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from peer.data.tokenizer import save_pretrained as save_tokenizer
 from peer.errors import UserError
-from peer.state import unique_state
-from peer.tokenizer import save_pretrained as save_tokenizer
+from peer.store.state import unique_state
 
 if TYPE_CHECKING:  # peer.manifest imports hivemind and transformers; the crash-test worker must start fast
-    from peer.manifest import RunManifest
+    from peer.run.manifest import RunManifest
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import hivemind
 from hivemind.utils import get_dht_time
 
-from peer import schema
 from peer.config import PeerConfig
 from peer.errors import UserError
-from peer.model import PRESETS
+from peer.run import schema
+from peer.run.model import PRESETS
 
 logger = logging.getLogger(__name__)
 

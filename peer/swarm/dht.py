@@ -15,9 +15,9 @@ from pathlib import Path
 import hivemind
 from hivemind.p2p import P2PDaemonError
 
-from peer.addresses import JOIN_HINT
 from peer.config import DEFAULT_LISTEN, PeerConfig
 from peer.errors import UserError
+from peer.swarm.addresses import JOIN_HINT
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from peer.corpus import shard_order
+from peer.data.corpus import shard_order
+from peer.data.tokenizer import TokenizerInfo
 from peer.errors import UserError
-from peer.tokenizer import TokenizerInfo
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from hivemind.compression import CompressionBase, Float16Compression, NoCompress
 from hivemind.compression.quantization import Quantization
 from hivemind.optim.grad_averager import GradientAverager
 
-from peer import guards
-from peer.manifest import RunManifest
+from peer.run.manifest import RunManifest
+from peer.swarm import guards
 
 logger = logging.getLogger(__name__)
 

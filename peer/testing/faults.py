@@ -116,7 +116,7 @@ def install_lies(trainer) -> None:
     """Make ``trainer``'s progress and metrics records lie (see the module docstring)."""
     if not LIE:
         return
-    from peer import schema
+    from peer.run import schema
     from peer.telemetry import METRICS_TTL
 
     tracker = trainer.opt.tracker

@@ -23,7 +23,7 @@ from hivemind.averaging import allreduce, partition
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from peer.schema import MAX_SAMPLES_PER_SECOND
+from peer.run.schema import MAX_SAMPLES_PER_SECOND
 
 logger = logging.getLogger(__name__)
 
