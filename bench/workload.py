@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -36,7 +35,7 @@ def make_manifest(
     tok = tokenizer()
     cfg = PeerConfig(preset=preset, seq_len=seq_len, target_batch_size=target, warmup_steps=warmup)
     run = manifest.from_config(cfg, run_id, tokenizer_fingerprint(tok), tok.get_vocab_size())
-    return dataclasses.replace(run, run_id=run_id)
+    return run.model_copy(update={"run_id": run_id})
 
 
 def model_for(run: manifest.RunManifest) -> torch.nn.Module:

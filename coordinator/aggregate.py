@@ -6,7 +6,7 @@ import hashlib
 import statistics
 from dataclasses import dataclass, field
 
-from peer.run.schema import PeerMetrics
+from peer.run.schema import OUTLIER_FACTOR, PeerMetrics
 
 MAX_PEER_LABELS = 50  # per-peer series are limited to the busiest peers: bounded label cardinality
 
@@ -33,9 +33,6 @@ class SwarmView:
 def peer_label(subkey: bytes) -> str:
     """A short stable label for a peer's record (its signed subkey is hundreds of bytes long)."""
     return hashlib.sha256(subkey).hexdigest()[:10]
-
-
-OUTLIER_FACTOR = 4.0  # a peer's throughput and loss weight count for at most this multiple of the swarm's median
 
 
 def _capped(values: list[float]) -> float:

@@ -37,12 +37,13 @@ async def run(cfg: CoordinatorConfig) -> None:
     # heavy imports after the flags are known to be sane
     from coordinator import http
     from coordinator.service import CoordinatorService
+    from peer import join
     from peer.config import PeerConfig
     from peer.data import corpus
     from peer.data.batches import heldout_batches
     from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
-    from peer.run import manifest, schema
     from peer.swarm import dht as swarm
+    from peer.swarm import records
 
     check_checkpoint_dir(Path(cfg.checkpoint_dir).expanduser())
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
@@ -59,15 +60,15 @@ async def run(cfg: CoordinatorConfig) -> None:
     holder: dict = {}
     app = http.make_app(_Lazy(holder))
     runner, port = await http.serve(app, cfg.http_host, cfg.http_port)
-    dht = await loop.run_in_executor(None, swarm.start_dht, dht_cfg, schema.registry_validators())
+    dht = await loop.run_in_executor(None, swarm.start_dht, dht_cfg, records.registry_validators())
     try:
-        run_id, run_manifest = await loop.run_in_executor(None, manifest.wait_for_run, dht, cfg.run_id,
+        run_id, run_manifest = await loop.run_in_executor(None, join.wait_for_run, dht, cfg.run_id,
                                                           cfg.startup_timeout)  # fmt: skip
         if run_manifest.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
             raise UserError(
                 "the run uses another tokenizer than this coordinator; pass --tokenizer with the run's file"
             )
-        validators, subkey = schema.run_validators(run_id)
+        validators, subkey = records.run_validators(run_id)
         dht.add_validators(validators)
         batches = heldout_batches(heldout, tokenizer, seq_len=run_manifest.seq_len, batch_size=16, seed=0,
                                   max_batches=cfg.eval_batches, nsp=run_manifest.nsp)  # fmt: skip

@@ -20,7 +20,7 @@ from peer.errors import UserError
 from peer.run import schema
 from peer.run.manifest import RunManifest
 from peer.store import checkpoint
-from peer.telemetry import read_swarm_metrics
+from peer.swarm.records import read_swarm_metrics
 
 logger = logging.getLogger(__name__)
 

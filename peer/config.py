@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer.errors import UserError
+from peer.run.presets import PRESET_NAMES
 from peer.swarm import addresses
 
-PRESETS = ("tiny", "mini", "base", "large")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "lamb")
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
@@ -86,7 +86,7 @@ class PeerConfig:
         default=None,
         group="run",
     )
-    preset: str = setting(f"model size, one of {', '.join(PRESETS)}", default="tiny", group="run")
+    preset: str = setting(f"model size, one of {', '.join(PRESET_NAMES)}", default="tiny", group="run")
     data: list[str] = setting(
         "training text: files, directories or globs of .txt / .jsonl (field 'text'), or hf:NAME[:CONFIG][:SPLIT]; "
         "default: the embedded corpus",
@@ -163,7 +163,7 @@ class PeerConfig:
 
     def validate(self) -> PeerConfig:
         """Check every value; raise ``UserError`` naming the flag, the bad value and what is allowed."""
-        _choice("--preset", self.preset, PRESETS)
+        _choice("--preset", self.preset, PRESET_NAMES)
         _choice("--device", self.device, DEVICES)
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
         for name in ("seq_len", "target_batch_size", "batch_size", "threads", "max_steps", "total_steps"):

@@ -1,4 +1,4 @@
-"""Metric names (defined once), the peer's Prometheus exporter, and its signed metrics record in the DHT.
+"""Metric names (defined once) and the peer's Prometheus exporter (its signed DHT record: ``peer.swarm.records``).
 
 Prometheus conventions: prefix ``bertswarm_``, base units, counters end in ``_total``, labels of bounded cardinality.
 Dashboards, alert rules and the coordinator take their names from here.
@@ -7,15 +7,10 @@ Dashboards, alert rules and the coordinator take their names from here.
 from __future__ import annotations
 
 import logging
-import math
-import time
 
-import hivemind
-from hivemind.utils import get_dht_time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from peer.errors import UserError
-from peer.run import schema
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +48,6 @@ PEER_IGNORED_PROGRESS_RECORDS = "bertswarm_peer_ignored_progress_records"  # cou
 
 ROUND_OUTCOMES = ("success", "failed", "solo")
 SKIP_REASONS = ("nonfinite",)
-METRICS_TTL = 60.0  # seconds a peer's DHT metrics record lives without refresh
 
 
 class PeerTelemetry:
@@ -99,6 +93,7 @@ class PeerTelemetry:
         for reason in SKIP_REASONS:
             self.skipped.labels(reason)
         self._server = None
+        self._synced: dict[int, int] = {}  # counter -> the external total it was last brought up to
 
     def sync_guard_totals(self, *, rejected: int, skipped_steps: int, ignored_records: int) -> None:
         """Bring the guard counters up to the totals counted elsewhere (the optimizer, the averager processes)."""
@@ -107,9 +102,10 @@ class PeerTelemetry:
             (self.skipped_steps.labels("nonfinite"), skipped_steps),
             (self.ignored_progress_records, ignored_records),
         ):
-            delta = total - counter._value.get()
+            delta = total - self._synced.get(id(counter), 0)
             if delta > 0:
                 counter.inc(delta)
+                self._synced[id(counter)] = total
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics endpoint; returns the bound port (useful with port 0)."""
@@ -126,55 +122,3 @@ class PeerTelemetry:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-
-class MetricsPublisher:
-    """Writes this peer's signed ``PeerMetrics`` record under ``{run}_metrics`` (fire-and-forget)."""
-
-    def __init__(self, dht: hivemind.DHT, run_id: str, subkey: bytes, client_mode: bool):
-        self.dht, self.key, self.subkey, self.client_mode = dht, schema.metrics_key(run_id), subkey, client_mode
-        # hivemind frees a request's shared memory when its future is garbage-collected, so the future of a
-        # fire-and-forget store must live until the DHT process has picked the request up
-        self._pending = None
-
-    def publish(self, *, epoch: int, samples_per_second: float, samples_total: int, loss: float, mini_steps: int):
-        if self._pending is not None and not self._pending.done():
-            return  # the previous record is still on its way: skip rather than queue up
-        loss = float(loss) if math.isfinite(loss) else schema.MAX_LOSS
-        record = schema.PeerMetrics(
-            epoch=int(epoch),
-            samples_per_second=float(min(max(samples_per_second, 0.0), schema.MAX_SAMPLES_PER_SECOND)),
-            samples_total=int(samples_total),
-            loss=min(max(loss, 0.0), schema.MAX_LOSS),
-            mini_steps=int(mini_steps),
-            time=float(time.time()),
-            client_mode=bool(self.client_mode),
-        )
-        self._pending = self.dht.store(
-            self.key,
-            record.dict(),
-            expiration_time=get_dht_time() + METRICS_TTL,
-            subkey=self.subkey,
-            return_future=True,
-        )
-
-    def close(self, timeout: float = 3.0) -> None:
-        if self._pending is not None:
-            try:
-                self._pending.result(timeout)
-            except Exception as e:  # the swarm may already be gone; nothing to save here
-                logger.debug("last metrics record not stored: %r", e)
-
-
-def read_swarm_metrics(dht: hivemind.DHT, run_id: str) -> dict[bytes, schema.PeerMetrics]:
-    """All live peers' metrics records (invalid ones are dropped by the DHT's validators and again here)."""
-    found = dht.get(schema.metrics_key(run_id), latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    records = {}
-    for subkey, entry in found.value.items():
-        try:
-            records[subkey] = schema.PeerMetrics.parse_obj(entry.value)
-        except Exception as e:  # a malformed record from a buggy or hostile peer is ignored, not fatal
-            logger.debug("ignoring malformed metrics record: %s", e)
-    return records

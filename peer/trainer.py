@@ -22,20 +22,23 @@ import hivemind
 import torch
 from hivemind.utils import get_dht_time
 
+from peer import join
 from peer.config import PeerConfig
 from peer.data import corpus
 from peer.data.batches import BatchStream
 from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
 from peer.errors import UserError
 from peer.progress import Snapshot, StatusDisplay, Window
-from peer.run import manifest, schema
-from peer.run.model import PRESETS, build_model, count_parameters
+from peer.run.manifest import RunManifest
+from peer.run.model import build_model, count_parameters
+from peer.run.presets import PRESETS
 from peer.store.checkpoint import load_checkpoint, verify_run
 from peer.store.state import StateDir
 from peer.swarm import dht as swarm
-from peer.swarm import guards
+from peer.swarm import guards, records
 from peer.swarm.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
-from peer.telemetry import ROUND_OUTCOMES, MetricsPublisher, PeerTelemetry
+from peer.swarm.records import MetricsPublisher
+from peer.telemetry import ROUND_OUTCOMES, PeerTelemetry
 from peer.testing import faults
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ logger = logging.getLogger(__name__)
 # stays in the swarm, so a test can compare every peer's weights with a checkpoint at one known step.
 _PAUSE_FILE = os.environ.get("BERTSWARM_TEST_PAUSE_FILE")
 STEP_DEADLINE = 6.0  # seconds the current step may still take after SIGINT/SIGTERM; saving and leaving take ~1 s
-REPUBLISH_EVERY = manifest.RECORD_TTL / 3
+REPUBLISH_EVERY = records.MANIFEST_TTL / 3
 
 
 class StopSignal:
@@ -110,7 +113,7 @@ def prepare(cfg: PeerConfig) -> Prepared:
 
 
 class Trainer:
-    def __init__(self, cfg: PeerConfig, prepared: Prepared, dht: hivemind.DHT, run: manifest.RunManifest):
+    def __init__(self, cfg: PeerConfig, prepared: Prepared, dht: hivemind.DHT, run: RunManifest):
         self.cfg, self.dht, self.run = cfg, dht, run
         self.state_dir, self.telemetry = prepared.state_dir, prepared.telemetry
         self.device = _pick_device(cfg.device)
@@ -171,7 +174,7 @@ class Trainer:
             nsp=run.nsp,
             seed=self.seed,
         )
-        _, subkey = schema.run_validators(run.run_id)
+        _, subkey = records.run_validators(run.run_id)
         self.publisher = MetricsPublisher(dht, run.run_id, subkey, dht.client_mode)
         self.autocast = _autocast(self.device)
         self.window = Window()
@@ -278,7 +281,7 @@ class Trainer:
         self.window.reset()
         if now - self._last_publish > REPUBLISH_EVERY:
             self._last_publish = now
-            manifest.publish(self.dht, self.run)
+            records.publish_manifest(self.dht, self.run)
 
     def checkpoint(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -327,12 +330,12 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
     prepared = prepare(cfg)
     if prepared.metrics_port is not None:
         logger.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host, prepared.metrics_port)
-    dht = swarm.start_dht(cfg, schema.registry_validators())
+    dht = swarm.start_dht(cfg, records.registry_validators())
     trainer = None
     try:
         tokenizer_fp = tokenizer_fingerprint(prepared.tokenizer)
-        run_manifest = manifest.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size())
-        validators, _ = schema.run_validators(run_manifest.run_id)
+        run_manifest = join.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size())
+        validators, _ = records.run_validators(run_manifest.run_id)
         dht.add_validators(validators)
         logger.info("run %s, manifest %s", run_manifest.run_id, run_manifest.fingerprint[:12])
         addresses = swarm.join_addresses(dht)

@@ -8,20 +8,21 @@ Keys (``{run}`` is the run id):
 - ``{run}_checkpoints``: subkey = a coordinator's RSA public key (signed), value = ``CheckpointRecord``.
 
 hivemind itself owns ``{run}_progress``, ``{run}_grad_averager*`` and ``{run}_state_averager*``.
-Numeric fields are strict and bounded so that a lying peer cannot push absurd values through the DHT.
+Numeric fields are strict and bounded so that a lying peer cannot push absurd values through the DHT. The DHT-side
+validators built from these records live in ``peer.swarm.records`` (they need hivemind); this module does not.
 """
 
 from __future__ import annotations
 
 import pydantic.v1 as pydantic
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from hivemind.utils.crypto import RSAPrivateKey
 
 RUNS_KEY = "bertswarm_runs"
 MAX_MANIFEST_BYTES = 16_384
 MAX_SAMPLES_PER_SECOND = 1e6
 MAX_LOSS = 1e4
+# A peer's claimed throughput (and its weight in the coordinator's swarm figures) counts for at most this multiple of
+# the swarm's median: a fast GPU among CPUs is under-counted a little, a liar cannot claim the swarm's progress alone.
+OUTLIER_FACTOR = 4.0
 
 
 def manifest_key(run_id: str) -> str:
@@ -56,25 +57,3 @@ class CheckpointRecord(pydantic.BaseModel):
     sha256: pydantic.constr(strict=True, min_length=64, max_length=64)
     url: pydantic.constr(strict=True, max_length=512)
     time: pydantic.StrictFloat
-
-
-class RunRecords(pydantic.BaseModel):
-    """Schema of the per-run keys; ``SchemaValidator(prefix=run_id)`` maps field ``x`` to key ``{run}_x``."""
-
-    manifest: pydantic.constr(strict=True, max_length=MAX_MANIFEST_BYTES)
-    metrics: dict[BytesWithPublicKey, PeerMetrics]
-    checkpoints: dict[BytesWithPublicKey, CheckpointRecord]
-
-
-class RunsRegistry(pydantic.BaseModel):
-    bertswarm_runs: dict[pydantic.constr(strict=True, max_length=64), pydantic.constr(strict=True, max_length=64)]
-
-
-def registry_validators() -> list:
-    return [SchemaValidator(RunsRegistry, allow_extra_keys=True)]
-
-
-def run_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> tuple[list, bytes]:
-    """Validators for one run's keys, and the signed subkey under which this process writes its metrics."""
-    signature = RSASignatureValidator(private_key)
-    return [SchemaValidator(RunRecords, allow_extra_keys=True, prefix=run_id), signature], signature.local_public_key

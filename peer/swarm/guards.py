@@ -23,13 +23,10 @@ from hivemind.averaging import allreduce, partition
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from peer.run.schema import MAX_SAMPLES_PER_SECOND
+from peer.run.schema import MAX_SAMPLES_PER_SECOND, OUTLIER_FACTOR
 
 logger = logging.getLogger(__name__)
 
-# a record's throughput counts for at most this multiple of the swarm's median (a fast GPU among CPUs is under-counted,
-# which only makes its epochs a little longer; a liar cannot make them shorter than ~1/SPS_FACTOR of honest ones)
-SPS_FACTOR = 4.0
 SAMPLES_SLACK_SECONDS = 1.0  # peers enter an epoch up to about one refresh period apart
 MAX_EPOCH = 10**9
 
@@ -105,7 +102,7 @@ def sanitize_progress(
     - a record that does not parse as ``BoundedProgress`` is dropped;
     - the reference epoch is the median (high) of the training peers' epochs, this peer's included; a record more than
       one step ahead of it is dropped (a minority cannot move the epoch; a joiner still follows a majority ahead);
-    - throughput counts for at most ``SPS_FACTOR`` x the median (low) throughput, this peer's included;
+    - throughput counts for at most ``OUTLIER_FACTOR`` x the median (low) throughput, this peer's included;
     - samples at this peer's epoch (reported, plus hivemind's extrapolation since the report) count for at most what
       that capped throughput yields since the epoch began here; with ``epoch_started`` None (this peer did not see
       its epoch begin: at start-up and after loading state) they are capped at the target batch only.
@@ -125,7 +122,7 @@ def sanitize_progress(
     # hivemind reports ~0 samples/s until a peer's first update: such records say nothing about the swarm's speed (they
     # capped a fast peer's rate to ~0 in a slow starter's view, which then missed the swarm's first step)
     rates = [r for r in [p.samples_per_second for p in parsed.values()] + [local["samples_per_second"]] if r > 1e-3]
-    sps_cap = SPS_FACTOR * max(statistics.median_low(rates), local["samples_per_second"]) if rates else math.inf
+    sps_cap = OUTLIER_FACTOR * max(statistics.median_low(rates), local["samples_per_second"]) if rates else math.inf
     kept = {}
     for key, p in parsed.items():
         if p.epoch > reference + 1:

@@ -117,7 +117,6 @@ def install_lies(trainer) -> None:
     if not LIE:
         return
     from peer.run import schema
-    from peer.telemetry import METRICS_TTL
 
     tracker = trainer.opt.tracker
     tracker.dht = _LyingDHT(tracker.dht, tracker.training_progress_key)  # only what it stores lies: it trains honestly
@@ -128,7 +127,6 @@ def install_lies(trainer) -> None:
             return
         record = dict(epoch=10**9, samples_per_second=schema.MAX_SAMPLES_PER_SECOND, samples_total=10**15,
                       loss=0.0, mini_steps=10**9, time=float(time.time()), client_mode=False)  # fmt: skip
-        publisher._pending = publisher.dht.store(publisher.key, record, expiration_time=get_dht_time() + METRICS_TTL,
-                                                 subkey=publisher.subkey, return_future=True)  # fmt: skip
+        publisher.store(record)
 
     publisher.publish = lying_publish

@@ -10,11 +10,12 @@ import urllib.request
 import pytest
 import torch
 
+from peer import join
 from peer.data.tokenizer import tokenizer_fingerprint
 from peer.progress import Snapshot, StatusDisplay
-from peer.run import manifest, schema
 from peer.swarm import dht as swarm
-from peer.telemetry import read_swarm_metrics
+from peer.swarm import records
+from peer.swarm.records import read_swarm_metrics
 from peer.trainer import Trainer, prepare
 
 from .conftest import FAST
@@ -27,12 +28,12 @@ def solo_trainer(tmp_path, small_corpus):
     cfg, explicit = parse_config([*FAST, "--data", str(small_corpus), "--state-dir", str(tmp_path / "s"),
                                   "--metrics-port", "0"], environ={})  # fmt: skip
     prepared = prepare(cfg)
-    dht = swarm.start_dht(cfg, schema.registry_validators())
+    dht = swarm.start_dht(cfg, records.registry_validators())
     trainer = None
     try:
         tok = prepared.tokenizer
-        run = manifest.resolve(dht, cfg, explicit, tokenizer_fingerprint(tok), tok.get_vocab_size())
-        dht.add_validators(schema.run_validators(run.run_id)[0])
+        run = join.resolve(dht, cfg, explicit, tokenizer_fingerprint(tok), tok.get_vocab_size())
+        dht.add_validators(records.run_validators(run.run_id)[0])
         trainer = Trainer(cfg, prepared, dht, run)
         yield trainer, prepared
     finally:

@@ -42,10 +42,10 @@ def test_out_of_bounds_records_are_dropped_and_absurd_claims_capped():
     assert dropped == 1 and set(kept) == {b"a"}
     kept, _ = sanitize({b"a": progress(), b"liar": progress(samples=10**8, sps=1e5, age=3600)})
     liar = kept[b"liar"]
-    assert liar["samples_per_second"] <= guards.SPS_FACTOR * 10.0
-    assert liar["samples_accumulated"] <= guards.SPS_FACTOR * 10.0 * (3.0 + guards.SAMPLES_SLACK_SECONDS)
+    assert liar["samples_per_second"] <= guards.OUTLIER_FACTOR * 10.0
+    assert liar["samples_accumulated"] <= guards.OUTLIER_FACTOR * 10.0 * (3.0 + guards.SAMPLES_SLACK_SECONDS)
     assert liar["time"] >= NOW - 3.0  # no credit for time before the epoch began
-    cap = guards.SPS_FACTOR * 10.0 * (3.0 + guards.SAMPLES_SLACK_SECONDS)
+    cap = guards.OUTLIER_FACTOR * 10.0 * (3.0 + guards.SAMPLES_SLACK_SECONDS)
     estimate = liar["samples_accumulated"] + (NOW - liar["time"]) * liar["samples_per_second"]  # as hivemind does
     assert estimate <= cap + 1e-6
 

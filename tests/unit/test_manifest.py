@@ -1,12 +1,11 @@
 """The run manifest: a stable fingerprint, a readable diff, conflicts only for explicit flags."""
 
-import dataclasses
-
 import pytest
 
 from peer.config import PeerConfig
 from peer.errors import UserError
-from peer.run.manifest import RunManifest, conflicts, from_config
+from peer.join import conflicts
+from peer.run.manifest import RunManifest, from_config
 
 
 def make(**overrides):
@@ -25,8 +24,8 @@ def test_fingerprint_is_stable_and_canonical():
 
 def test_preset_defaults_flow_into_the_manifest():
     tiny, mini = make(), make(preset="mini")
-    assert tiny.model["hidden_size"] == 128 and tiny.model["num_hidden_layers"] == 2
-    assert mini.model["hidden_size"] == 256
+    assert tiny.model.hidden_size == 128 and tiny.model.num_hidden_layers == 2
+    assert mini.model.hidden_size == 256
     assert tiny.target_batch_size != mini.target_batch_size
     assert make(target_batch_size=99).target_batch_size == 99
 
@@ -47,7 +46,7 @@ def test_conflicts_only_for_explicit_flags():
 
 
 def test_unreadable_manifest_is_a_user_error():
-    data = dataclasses.asdict(make())
+    data = make().to_dict()
     data["version"] = 99
     import json
 
@@ -55,3 +54,21 @@ def test_unreadable_manifest_is_a_user_error():
         RunManifest.from_json(json.dumps(data))
     with pytest.raises(UserError):
         RunManifest.from_json("{not json")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("seq_len", "128"), ("seq_len", 4096), ("lr", -1.0), ("nsp", 1), ("preset", "huge"), ("run_id", "a b"),
+     ("tokenizer_fingerprint", "xyz"), ("extra_field", 1)],
+)  # fmt: skip
+def test_manifest_fields_are_typed_and_bounded(field, value):
+    from peer.run.manifest import ManifestError
+
+    data = make().to_dict()
+    data[field] = value
+    with pytest.raises(ManifestError, match=field):
+        RunManifest.from_dict(data)
+    data = make().to_dict()
+    data["model"]["hidden_size"] = -1
+    with pytest.raises(ManifestError, match="model.hidden_size"):
+        RunManifest.from_dict(data)

@@ -7,7 +7,8 @@ from pydantic.v1 import ValidationError
 
 from peer import telemetry
 from peer.run import schema
-from peer.run.model import PRESETS, build_model, count_parameters
+from peer.run.model import build_model, count_parameters
+from peer.run.presets import PRESETS
 
 
 def valid(**kw):

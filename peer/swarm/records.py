@@ -1,0 +1,129 @@
+"""bertswarm's records in the DHT: the validators that guard them, the run manifest's publish / fetch / discovery, and
+each peer's signed metrics record (written by ``MetricsPublisher``, read by the coordinator).
+
+The record types themselves are declared once in ``peer.run.schema``; this module is where they meet hivemind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import hivemind
+import pydantic.v1 as pydantic
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peer.run import schema
+from peer.run.manifest import RunManifest
+from peer.run.schema import MAX_MANIFEST_BYTES, CheckpointRecord, PeerMetrics
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_TTL = 600.0  # seconds a published manifest stays in the DHT without refresh
+METRICS_TTL = 60.0  # seconds a peer's DHT metrics record lives without refresh
+
+
+class RunRecords(pydantic.BaseModel):
+    """Schema of the per-run keys; ``SchemaValidator(prefix=run_id)`` maps field ``x`` to key ``{run}_x``."""
+
+    manifest: pydantic.constr(strict=True, max_length=MAX_MANIFEST_BYTES)
+    metrics: dict[BytesWithPublicKey, PeerMetrics]
+    checkpoints: dict[BytesWithPublicKey, CheckpointRecord]
+
+
+class RunsRegistry(pydantic.BaseModel):
+    bertswarm_runs: dict[pydantic.constr(strict=True, max_length=64), pydantic.constr(strict=True, max_length=64)]
+
+
+def registry_validators() -> list:
+    return [SchemaValidator(RunsRegistry, allow_extra_keys=True)]
+
+
+def run_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> tuple[list, bytes]:
+    """Validators for one run's keys, and the signed subkey under which this process writes its metrics."""
+    signature = RSASignatureValidator(private_key)
+    return [SchemaValidator(RunRecords, allow_extra_keys=True, prefix=run_id), signature], signature.local_public_key
+
+
+# --- the run manifest -----------------------------------------------------------------------------------------------
+
+
+def publish_manifest(dht: hivemind.DHT, manifest: RunManifest) -> None:
+    """(Re-)publish the manifest and register the run; every peer of the run does this periodically."""
+    expiration = get_dht_time() + MANIFEST_TTL
+    dht.store(schema.manifest_key(manifest.run_id), manifest.to_json(), expiration_time=expiration)
+    dht.store(schema.RUNS_KEY, manifest.fingerprint, expiration_time=expiration, subkey=manifest.run_id)
+
+
+def fetch_manifest(dht: hivemind.DHT, run_id: str) -> RunManifest | None:
+    """The run's manifest, None while there is none; a malformed one raises ``ManifestError``."""
+    found = dht.get(schema.manifest_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, str):
+        return None
+    return RunManifest.from_json(found.value)
+
+
+def discover_runs(dht: hivemind.DHT) -> list[str]:
+    """Run ids registered in the swarm (normally exactly one)."""
+    found = dht.get(schema.RUNS_KEY, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return sorted(str(k) for k in found.value)
+
+
+# --- peers' metrics ---------------------------------------------------------------------------------------------------
+
+
+class MetricsPublisher:
+    """Writes this peer's signed ``PeerMetrics`` record under ``{run}_metrics`` (fire-and-forget)."""
+
+    def __init__(self, dht: hivemind.DHT, run_id: str, subkey: bytes, client_mode: bool):
+        self.dht, self.key, self.subkey, self.client_mode = dht, schema.metrics_key(run_id), subkey, client_mode
+        # hivemind frees a request's shared memory when its future is garbage-collected, so the future of a
+        # fire-and-forget store must live until the DHT process has picked the request up
+        self._pending = None
+
+    def publish(self, *, epoch: int, samples_per_second: float, samples_total: int, loss: float, mini_steps: int):
+        if self._pending is not None and not self._pending.done():
+            return  # the previous record is still on its way: skip rather than queue up
+        loss = float(loss) if math.isfinite(loss) else schema.MAX_LOSS
+        record = PeerMetrics(
+            epoch=int(epoch),
+            samples_per_second=float(min(max(samples_per_second, 0.0), schema.MAX_SAMPLES_PER_SECOND)),
+            samples_total=int(samples_total),
+            loss=min(max(loss, 0.0), schema.MAX_LOSS),
+            mini_steps=int(mini_steps),
+            time=float(time.time()),
+            client_mode=bool(self.client_mode),
+        )
+        self.store(record.dict())
+
+    def store(self, record: dict) -> None:
+        self._pending = self.dht.store(
+            self.key, record, expiration_time=get_dht_time() + METRICS_TTL, subkey=self.subkey, return_future=True
+        )
+
+    def close(self, timeout: float = 3.0) -> None:
+        if self._pending is not None:
+            try:
+                self._pending.result(timeout)
+            except Exception as e:  # the swarm may already be gone; nothing to save here
+                logger.debug("last metrics record not stored: %r", e)
+
+
+def read_swarm_metrics(dht: hivemind.DHT, run_id: str) -> dict[bytes, PeerMetrics]:
+    """All live peers' metrics records (invalid ones are dropped by the DHT's validators and again here)."""
+    found = dht.get(schema.metrics_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    records = {}
+    for subkey, entry in found.value.items():
+        try:
+            records[subkey] = PeerMetrics.parse_obj(entry.value)
+        except Exception as e:  # a malformed record from a buggy or hostile peer is ignored, not fatal
+            logger.debug("ignoring malformed metrics record: %s", e)
+    return records
