@@ -6,7 +6,7 @@ DEMO_PEERS ?= 3
 DEMO_SECONDS ?= 180
 MONITOR_LISTEN ?= 127.0.0.1:9090
 
-.PHONY: setup demo monitor test lint format bench clean faults soak
+.PHONY: setup demo monitor test test-fast lint format bench clean faults soak
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ test: setup
 	$(PY) -m ruff check peer coordinator monitoring tests tools bench
 	$(PY) -m ruff format --check peer coordinator monitoring tests tools bench
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The developer's inner loop (about 2 minutes on 2 cores): lint, the unit tests, and the two-peer test that checks the
+# product's Trainer against a single process. make test stays the full suite that CI runs.
+test-fast: setup
+	$(PY) -m ruff check peer coordinator monitoring tests tools bench
+	$(PY) -m pytest tests/unit tests/integration/test_equivalence.py $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check peer coordinator monitoring tests tools bench

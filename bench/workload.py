@@ -8,7 +8,7 @@ import functools
 import torch
 
 from peer.config import PeerConfig
-from peer.data import corpus
+from peer.data import corpus, embedded
 from peer.data.batches import BatchStream
 from peer.data.tokenizer import default_tokenizer, tokenizer_fingerprint
 from peer.run import manifest
@@ -25,7 +25,7 @@ def tokenizer():
 
 @functools.lru_cache(maxsize=1)
 def documents() -> tuple[list[str], list[str]]:
-    return corpus.split_heldout(corpus.default_corpus())
+    return corpus.split_heldout(embedded.default_corpus())
 
 
 def make_manifest(

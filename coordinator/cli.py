@@ -7,7 +7,6 @@ import asyncio
 import logging
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
@@ -25,12 +24,13 @@ DESCRIPTION = (
 
 def check_checkpoint_dir(path: Path) -> None:
     """Fail fast (one line, before joining) when checkpoints could not be written."""
+    from peer.store.checkpoint import check_writable
+    from peer.store.errors import CheckpointError
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"--checkpoint-dir {path}: not writable ({e.strerror}); pick a writable directory") from None
+        check_writable(path)
+    except CheckpointError as e:
+        raise e.with_flag("--checkpoint-dir") from None
 
 
 async def run(cfg: CoordinatorConfig) -> None:
@@ -39,15 +39,16 @@ async def run(cfg: CoordinatorConfig) -> None:
     from coordinator.service import CoordinatorService
     from peer import join
     from peer.config import PeerConfig
-    from peer.data import corpus
+    from peer.data import corpus, embedded
     from peer.data.batches import heldout_batches
     from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
     from peer.swarm import dht as swarm
-    from peer.swarm import records
+    from peer.swarm import hivemind_compat, records
 
+    hivemind_compat.check_version()  # before the DHT starts
     check_checkpoint_dir(Path(cfg.checkpoint_dir).expanduser())
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
-    documents = corpus.load_documents(cfg.data) if cfg.data else corpus.default_corpus()
+    documents = corpus.load_documents(cfg.data) if cfg.data else embedded.default_corpus()
     _, heldout = corpus.split_heldout(documents)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -20,6 +20,7 @@ from peer.errors import UserError
 from peer.run import schema
 from peer.run.manifest import RunManifest
 from peer.store import checkpoint
+from peer.store.errors import CheckpointError
 from peer.swarm.records import read_swarm_metrics
 
 logger = logging.getLogger(__name__)
@@ -75,10 +76,13 @@ class CoordinatorService:
             return None
         eval_metrics = evaluate(model, self.eval_batches)
         started = time.perf_counter()
-        path = checkpoint.write_checkpoint(
-            self.checkpoint_root, model, self.tokenizer, self.run, epoch=epoch, samples_seen=self.view.samples,
-            eval_metrics=eval_metrics, keep=self.cfg.keep,
-        )  # fmt: skip
+        try:
+            path = checkpoint.write_checkpoint(
+                self.checkpoint_root, model, self.tokenizer, self.run, epoch=epoch, samples_seen=self.view.samples,
+                eval_metrics=eval_metrics, keep=self.cfg.keep,
+            )  # fmt: skip
+        except CheckpointError as e:
+            raise e.with_flag("--checkpoint-dir") from None
         seconds = time.perf_counter() - started
         info = next(i for i in checkpoint.list_checkpoints(self.checkpoint_root) if Path(i.path) == Path(path))
         self.last_checkpoint, self.last_eval = info, eval_metrics

@@ -18,6 +18,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from peer.data.batches import IGNORE_INDEX
 from peer.run.manifest import RunManifest
 from peer.run.model import build_model
+from peer.swarm import hivemind_compat
 from peer.swarm.optim import optimizer_factory, param_groups, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class StateDownloader:
     def __init__(self, dht: hivemind.DHT, manifest: RunManifest):
         self.manifest = manifest
         self.model = build_model(manifest.model, nsp=manifest.nsp, seed=manifest.init_seed)
+        hivemind_compat.install()  # before the averager forks, as the peers do
         self.averager = TrainingStateAverager(
             dht=dht,
             prefix=f"{manifest.run_id}_state_averager",

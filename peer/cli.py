@@ -14,11 +14,11 @@ import os
 import sys
 import types
 import typing
-import warnings
 
 from peer import __version__
 from peer.config import PeerConfig
 from peer.errors import UserError
+from peer.swarm import hivemind_compat  # imports no hivemind (see its docstring)
 
 ENV_PREFIX = "BERTSWARM_"
 GROUP_TITLES = {
@@ -77,7 +77,8 @@ def build_parser(
         help_text = f"{f.metadata['help']} [env {env}]"
         # default=SUPPRESS: only flags the user actually passed appear in the namespace (needed for manifest checks)
         if base is bool:
-            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            # --nsp / --no-nsp: a flag can also turn off what an environment variable turned on
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif is_list:
             group.add_argument(
                 flag,
@@ -132,27 +133,9 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    # hivemind's INFO lines are internals (its warnings and errors still show). Its handler reads this variable at
-    # import time, in this process and in the processes it forks.
-    os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
     logging.getLogger("transformers").setLevel(logging.WARNING)
-    # hivemind's background event loops leave pending tasks behind at shutdown; asyncio reports each one as an ERROR
-    # with a traceback, which reads like a crash to volunteers. bertswarm's own code logs its failures itself.
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    logging.getLogger("hivemind.dht.dht").addFilter(_drop_orphaned_request_errors)
-    # hivemind advances the LR scheduler to the swarm's step after loading state, before any local optimizer step
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-
-
-def _drop_orphaned_request_errors(record: logging.LogRecord) -> bool:
-    """Hide one benign hivemind race (the filter is inherited by the forked DHT process).
-
-    When a process that sent a DHT request exits first (an averager at shutdown, say), the DHT process cannot unpickle
-    the request and logs an ERROR with a traceback: FileNotFoundError (the request's shared memory is gone),
-    ConnectionResetError or EOFError (its pipe is gone). Nobody waits for that request any more.
-    """
-    exc_type = record.exc_info[0] if record.exc_info else None
-    return not (exc_type is not None and issubclass(exc_type, (FileNotFoundError, ConnectionResetError, EOFError)))
+    # hivemind's log level, its shutdown noise and warnings (hivemind_compat imports no hivemind: it must come first)
+    hivemind_compat.configure_logging()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,12 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer.errors import UserError
+from peer.run.manifest import (
+    DEFAULT_INNER_STEPS,
+    DEFAULT_OUTER_LR,
+    DEFAULT_OUTER_MOMENTUM,
+    MODES,
+    OUTER_COMPRESSIONS,
+)
 from peer.run.presets import PRESET_NAMES
 from peer.swarm import addresses
+from peer.swarm.addresses import DEFAULT_LISTEN
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "lamb")
-DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 
 
 def setting(help: str, *, group: str = "peer", metavar: str | None = None, **kwargs):
@@ -114,6 +121,27 @@ class PeerConfig:
     )
     warmup_steps: int = setting("global steps of linear LR warm-up", default=50, group="run")
     total_steps: int = setting("global steps until the LR has decayed linearly to zero", default=10000, group="run")
+    mode: str = setting(
+        "training mode: 'sync' averages gradients at every global step; 'diloco' trains --inner-steps local steps, "
+        "then averages the change of the weights (for slow links; see README)",
+        default="sync",
+        group="run",
+    )
+    inner_steps: int = setting(
+        "diloco: local optimizer steps between two outer averaging rounds", default=DEFAULT_INNER_STEPS, group="run"
+    )
+    outer_lr: float = setting("diloco: outer Nesterov SGD learning rate", default=DEFAULT_OUTER_LR, group="run")
+    outer_momentum: float = setting("diloco: outer Nesterov momentum", default=DEFAULT_OUTER_MOMENTUM, group="run")
+    outer_compression: str = setting(
+        f"diloco: compression of the averaged weight changes, one of {', '.join(OUTER_COMPRESSIONS)}",
+        default="none",
+        group="run",
+    )
+    outer_overlap: bool = setting(
+        "diloco: exchange the weight changes in the background while the next inner steps compute (one round late)",
+        default=False,
+        group="run",
+    )
 
     # --- this peer ------------------------------------------------------------------------------------------------
     init_from: str | None = setting(
@@ -166,6 +194,13 @@ class PeerConfig:
         _choice("--preset", self.preset, PRESET_NAMES)
         _choice("--device", self.device, DEVICES)
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _choice("--mode", self.mode, MODES)
+        _choice("--outer-compression", self.outer_compression, OUTER_COMPRESSIONS)
+        _positive("inner_steps", self.inner_steps)
+        if not 0.0 < self.outer_lr <= 10.0:
+            raise UserError(f"--outer-lr {self.outer_lr}: must be in (0, 10], e.g. 0.7")
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise UserError(f"--outer-momentum {self.outer_momentum}: must be in [0, 1), e.g. 0.9")
         for name in ("seq_len", "target_batch_size", "batch_size", "threads", "max_steps", "total_steps"):
             _positive(name, getattr(self, name))
         if not 8 <= self.seq_len <= 512:

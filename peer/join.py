@@ -26,6 +26,12 @@ FLAG_OF_FIELD = {
     "max_grad_norm": "max_grad_norm",
     "warmup_steps": "warmup_steps",
     "total_steps": "total_steps",
+    "mode": "mode",
+    "inner_steps": "inner_steps",
+    "outer_lr": "outer_lr",
+    "outer_momentum": "outer_momentum",
+    "outer_compression": "outer_compression",
+    "outer_overlap": "outer_overlap",
 }
 
 

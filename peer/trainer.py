@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,9 +23,9 @@ import hivemind
 import torch
 from hivemind.utils import get_dht_time
 
-from peer import join
+from peer import hooks, join
 from peer.config import PeerConfig
-from peer.data import corpus
+from peer.data import corpus, embedded
 from peer.data.batches import BatchStream
 from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
 from peer.errors import UserError
@@ -32,20 +33,17 @@ from peer.progress import Snapshot, StatusDisplay, Window
 from peer.run.manifest import RunManifest
 from peer.run.model import build_model, count_parameters
 from peer.run.presets import PRESETS
-from peer.store.checkpoint import load_checkpoint, verify_run
+from peer.store.errors import CheckpointError, StateError
+from peer.store.load import load_checkpoint, verify_run
 from peer.store.state import StateDir
 from peer.swarm import dht as swarm
-from peer.swarm import guards, records
+from peer.swarm import guards, hivemind_compat, records
 from peer.swarm.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
 from peer.swarm.records import MetricsPublisher
 from peer.telemetry import ROUND_OUTCOMES, PeerTelemetry
-from peer.testing import faults
 
 logger = logging.getLogger(__name__)
 
-# Test-only fault injection (like hivemind's own test hooks): while this file exists, the peer stops taking steps but
-# stays in the swarm, so a test can compare every peer's weights with a checkpoint at one known step.
-_PAUSE_FILE = os.environ.get("BERTSWARM_TEST_PAUSE_FILE")
 STEP_DEADLINE = 6.0  # seconds the current step may still take after SIGINT/SIGTERM; saving and leaving take ~1 s
 REPUBLISH_EVERY = records.MANIFEST_TTL / 3
 
@@ -101,19 +99,34 @@ class Prepared:
 
 
 def prepare(cfg: PeerConfig) -> Prepared:
-    state_dir = StateDir(cfg.state_path)
+    try:
+        state_dir = StateDir(cfg.state_path)
+    except StateError as e:
+        raise e.with_flag("--state-dir") from None
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
-    documents = corpus.load_documents(cfg.data) if cfg.data else corpus.default_corpus()
+    documents = corpus.load_documents(cfg.data) if cfg.data else embedded.default_corpus()
     train_documents, _heldout = corpus.split_heldout(documents)
     telemetry = PeerTelemetry()
     port = telemetry.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port is not None else None
     # a corrupt --init-from is answered in ~1 s, not after the DHT has started; the run is checked once it is known
-    init = load_checkpoint(cfg.init_from, expected_fingerprint=None) if cfg.init_from else None
+    try:
+        init = load_checkpoint(cfg.init_from, expected_fingerprint=None) if cfg.init_from else None
+    except CheckpointError as e:
+        raise e.with_flag("--init-from") from None
     return Prepared(state_dir, tokenizer, train_documents, telemetry, port, init)
 
 
 class Trainer:
-    def __init__(self, cfg: PeerConfig, prepared: Prepared, dht: hivemind.DHT, run: RunManifest):
+    def __init__(
+        self,
+        cfg: PeerConfig,
+        prepared: Prepared,
+        dht: hivemind.DHT,
+        run: RunManifest,
+        batches: Iterator[dict[str, torch.Tensor]] | None = None,
+    ):
+        """``batches``: the micro-batches to train on; default: this peer's shuffle of the prepared documents (the
+        equivalence test passes fixed batches, to check this very class against a single-process reference)."""
         self.cfg, self.dht, self.run = cfg, dht, run
         self.state_dir, self.telemetry = prepared.state_dir, prepared.telemetry
         self.device = _pick_device(cfg.device)
@@ -125,6 +138,7 @@ class Trainer:
         self.samples_total = 0
         self.mini_steps = 0
         self.rounds: collections.Counter[str] = collections.Counter()
+        self.hooks = hooks.load()  # test hooks (peer.testing) when a BERTSWARM_TEST_* variable is set, else no-ops
 
         self.model = build_model(run.model, nsp=run.nsp, seed=run.init_seed)
         saved = self.state_dir.load(run.fingerprint)
@@ -134,7 +148,10 @@ class Trainer:
             self.samples_total = saved.samples
         elif cfg.init_from:
             tensors, meta = prepared.init_checkpoint
-            verify_run(meta, run.fingerprint, cfg.init_from)
+            try:
+                verify_run(meta, run.fingerprint, cfg.init_from)
+            except CheckpointError as e:
+                raise e.with_flag("--init-from") from None
             _load_model_tensors(self.model, tensors)
             init_epoch, self.samples_total = int(meta["epoch"]), int(meta.get("samples_seen", 0))
             logger.info("starting from checkpoint %s (step %d)", cfg.init_from, init_epoch)
@@ -159,20 +176,24 @@ class Trainer:
                 "param_groups": self.opt.state_dict()["param_groups"],
             }
             self.opt.load_state_dict(state)
-            self.opt.state_averager._update_scheduler()  # LR to the resumed epoch (hivemind does this lazily)
+            hivemind_compat.sync_lr_schedule(self.opt.state_averager)  # LR to the resumed epoch (hivemind: lazily)
             logger.info("resumed local state at step %d from %s", saved.epoch, self.state_dir.state_file)
         elif init_epoch is not None:
             self.opt.state_averager.local_epoch = init_epoch  # the LR schedule continues from the checkpoint's step
-            self.opt.state_averager._update_scheduler()
+            hivemind_compat.sync_lr_schedule(self.opt.state_averager)
 
-        self.batches = BatchStream(
-            prepared.documents,
-            prepared.tokenizer,
-            seq_len=run.seq_len,
-            batch_size=self.batch_size,
-            mlm_probability=run.mlm_probability,
-            nsp=run.nsp,
-            seed=self.seed,
+        self.batches = (
+            batches
+            if batches is not None
+            else BatchStream(
+                prepared.documents,
+                prepared.tokenizer,
+                seq_len=run.seq_len,
+                batch_size=self.batch_size,
+                mlm_probability=run.mlm_probability,
+                nsp=run.nsp,
+                seed=self.seed,
+            )
         )
         _, subkey = records.run_validators(run.run_id)
         self.publisher = MetricsPublisher(dht, run.run_id, subkey, dht.client_mode)
@@ -203,7 +224,7 @@ class Trainer:
     def train(self, stop: StopSignal) -> None:
         try:
             while not stop.is_set() and not self.finished:
-                if _PAUSE_FILE and os.path.exists(_PAUSE_FILE):
+                if self.hooks.paused():
                     self.report()  # test hook: hold the weights still between steps, keep reporting (never for users)
                     time.sleep(0.1)
                     continue
@@ -235,7 +256,7 @@ class Trainer:
             logger.warning("dropped a batch with non-finite loss or gradients (loss=%s)", loss_value)
             self.opt.zero_grad()
             return
-        faults.corrupt_gradients(self.model)  # test-only fault injection (a no-op unless its env var is set)
+        self.hooks.corrupt_gradients(self.model)  # the fault suite's NaN sender; a no-op for volunteers
         self.opt.step()
         self.opt.zero_grad()
         samples = batch["input_ids"].shape[0]
@@ -326,6 +347,7 @@ class Trainer:
 
 def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
     """The life of a peer: prepare, join, load state, train, and always leave cleanly."""
+    hivemind_compat.check_version()  # before anything starts: bertswarm patches this hivemind's internals
     stop = StopSignal().install()
     prepared = prepare(cfg)
     if prepared.metrics_port is not None:
@@ -343,7 +365,7 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
             swarm.write_address_file(cfg.address_file, addresses[0])
         print(f"bertswarm-peer --join {addresses[0]}", file=out, flush=True)
         trainer = Trainer(cfg, prepared, dht, run_manifest)
-        faults.install(trainer)  # test-only fault injection and probes (no-ops unless their env vars are set)
+        trainer.hooks.install(trainer)  # the fault suite's faults and probes; a no-op for volunteers
         stop.install()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start; undo that
         stop.on_stop.append(trainer.opt.cancel_matchmaking)
         trainer.sync_with_swarm(timeout=cfg.startup_timeout)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import tokenizers
 
-from peer.data.corpus import corpus_fingerprint, default_corpus, split_heldout
+from peer.data.corpus import corpus_fingerprint, split_heldout
+from peer.data.embedded import default_corpus
 from peer.data.tokenizer import (
     DEFAULT_VOCAB_PATH,
     DEFAULT_VOCAB_SIZE,

@@ -7,7 +7,7 @@ normalizer (lower-case, accents stripped, control characters removed, CJK charac
 [MASK]``; a vocabulary built here gives them ids 0-4.
 
 The shipped default vocabulary (``peer/assets/vocab.txt``, 8192 tokens) was built by ``tools/build_vocab.py`` from
-the training split of :func:`peer.corpus.default_corpus`; peers must agree on the tokenizer, so compare
+the training split of :func:`peer.data.embedded.default_corpus`; peers must agree on the tokenizer, so compare
 :func:`tokenizer_fingerprint` rather than file paths.
 """
 
@@ -239,24 +239,28 @@ def save_vocab(tokenizer: Tokenizer, path: str | Path) -> None:
 
 
 def save_pretrained(tokenizer: Tokenizer, directory: str | Path, *, model_max_length: int = 512) -> None:
-    """Write a directory that ``transformers.AutoTokenizer.from_pretrained`` loads offline as ``BertTokenizerFast``.
-
-    Files: ``tokenizer.json`` (the exact pipeline), ``vocab.txt``, ``tokenizer_config.json`` and
-    ``special_tokens_map.json``. ``model_max_length`` should equal the model's ``max_position_embeddings``.
+    """Write a directory that ``transformers.AutoTokenizer.from_pretrained`` loads offline as a BERT tokenizer, through
+    transformers' own ``PreTrainedTokenizerFast.save_pretrained`` (``tokenizer.json``, ``tokenizer_config.json``, and
+    whatever else the installed transformers writes), plus ``vocab.txt`` (what ``--tokenizer`` and the original BERT
+    tooling read). ``model_max_length`` should equal the model's ``max_position_embeddings``.
     """
+    from transformers import BertTokenizerFast  # heavy; only checkpoint writers need it
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    save_vocab(tokenizer, directory / "vocab.txt")
-    special_tokens_map = {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS, "mask_token": MASK}
-    config = {
-        "tokenizer_class": "BertTokenizerFast",
-        "do_lower_case": is_lowercasing(tokenizer),
-        "tokenize_chinese_chars": True,
-        "strip_accents": None,
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-        **special_tokens_map,
-    }
-    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special_tokens_map)):
-        (directory / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    fast = BertTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer.to_str()),  # a copy: transformers sets padding/truncation on it
+        do_lower_case=is_lowercasing(tokenizer),
+        tokenize_chinese_chars=True,
+        strip_accents=None,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        unk_token=UNK,
+        sep_token=SEP,
+        pad_token=PAD,
+        cls_token=CLS,
+        mask_token=MASK,
+    )
+    fast.save_pretrained(str(directory))
+    if not (directory / "vocab.txt").exists():  # transformers 5 writes only tokenizer.json for fast tokenizers
+        save_vocab(tokenizer, directory / "vocab.txt")

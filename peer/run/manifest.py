@@ -22,6 +22,13 @@ MANIFEST_VERSION = 1
 DEFAULT_RUN_ID = "bertswarm"
 INIT_SEED = 0  # every peer of a run starts from the same random weights
 RUN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+MODES = ("sync", "diloco")
+OUTER_COMPRESSIONS = ("none", "fp16", "int8")
+# DiLoCo defaults (Douillard et al. 2023; OpenDiLoCo): outer Nesterov SGD lr 0.7, momentum 0.9; see docs/performance.md
+# for how the default number of inner steps was chosen on this project's presets
+DEFAULT_INNER_STEPS = 64
+DEFAULT_OUTER_LR = 0.7
+DEFAULT_OUTER_MOMENTUM = 0.9
 
 PresetName = Literal[PRESET_NAMES]  # type: ignore[valid-type]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -65,6 +72,14 @@ class RunManifest(_Strict):
     max_grad_norm: Annotated[float, Field(ge=0.0, le=1e6)]
     warmup_steps: Steps
     total_steps: Annotated[int, Field(ge=1, le=10**9)]
+    # training mode: "sync" averages gradients every global step; "diloco" takes inner_steps local optimizer steps,
+    # then averages the pseudo-gradient (outer - local parameters) and applies an outer Nesterov SGD step
+    mode: Literal[MODES] = "sync"  # type: ignore[valid-type]
+    inner_steps: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_INNER_STEPS
+    outer_lr: Annotated[float, Field(gt=0.0, le=10.0)] = DEFAULT_OUTER_LR
+    outer_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = DEFAULT_OUTER_MOMENTUM
+    outer_compression: Literal[OUTER_COMPRESSIONS] = "none"  # type: ignore[valid-type]
+    outer_overlap: bool = False
     init_seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = INIT_SEED
     version: Literal[MANIFEST_VERSION] = MANIFEST_VERSION  # type: ignore[valid-type]
 
@@ -135,6 +150,12 @@ class RunSettings(Protocol):
     max_grad_norm: float
     warmup_steps: int
     total_steps: int
+    mode: str
+    inner_steps: int
+    outer_lr: float
+    outer_momentum: float
+    outer_compression: str
+    outer_overlap: bool
 
 
 def from_config(cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab_size: int) -> RunManifest:
@@ -166,4 +187,10 @@ def from_config(cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab
         max_grad_norm=cfg.max_grad_norm,
         warmup_steps=cfg.warmup_steps,
         total_steps=cfg.total_steps,
+        mode=cfg.mode,
+        inner_steps=cfg.inner_steps,
+        outer_lr=cfg.outer_lr,
+        outer_momentum=cfg.outer_momentum,
+        outer_compression=cfg.outer_compression,
+        outer_overlap=cfg.outer_overlap,
     )

@@ -2,8 +2,9 @@
 
 Layout of ``<state-dir>/``: ``identity.key`` (p2p private key), ``lock`` (held while a peer runs),
 ``state.safetensors`` (model parameters ``model.*``, optimizer moments ``optim.<param>.<name>``; metadata: manifest
-fingerprint, local epoch, samples). A save writes a temp file, fsyncs, renames, and fsyncs the directory, so a crash
-at any point leaves either the previous state or the new one, never a torn file.
+fingerprint, local epoch, samples). A save writes a temp file, fsyncs, renames, and fsyncs the directory
+(:mod:`peer.store.atomic`), so a crash at any point leaves either the previous state or the new one, never a torn file.
+Problems are :class:`~peer.store.errors.StateError`\\ s naming the path; the caller adds the flag (``--state-dir``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from peer.errors import UserError
+from peer.store.atomic import atomic_path
+from peer.store.errors import StateError
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +43,13 @@ class StateDir:
             path.mkdir(parents=True, exist_ok=True)
             self._lock = open(path / "lock", "a+")  # noqa: SIM115 - held for the process lifetime
         except OSError as e:
-            raise UserError(
-                f"--state-dir {path}: cannot create or write it ({e.strerror}); pick a writable directory"
-            ) from None
+            raise StateError(path, f"cannot create or write it ({e.strerror}); pick a writable directory") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(
-                f"--state-dir {path} is in use by another running peer; give each peer its own --state-dir"
-            ) from None
+            raise StateError(path, "in use by another running peer; give each peer its own state directory") from None
         if not os.access(path, os.W_OK):
-            raise UserError(f"--state-dir {path} is not writable; fix its permissions or pick another directory")
+            raise StateError(path, "not writable; fix its permissions or pick another directory")
 
     @property
     def state_file(self) -> Path:
@@ -68,9 +65,10 @@ class StateDir:
                 tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no iterator
             saved_fp, epoch, samples = meta["fingerprint"], int(meta["epoch"]), int(meta["samples"])
         except (OSError, ValueError, KeyError, SafetensorError, UnicodeDecodeError) as e:
-            raise UserError(
-                f"local state {self.state_file} is corrupt ({type(e).__name__}); move it away to start this peer "
-                "fresh (it will sync from the swarm)"
+            raise StateError(
+                self.state_file,
+                f"local state is corrupt ({type(e).__name__}); move it away to start this peer fresh (it will sync "
+                "from the swarm)",
             ) from None
         if saved_fp != fingerprint:
             logger.warning("%s belongs to another run (manifest %s); starting fresh", self.state_file, saved_fp[:12])
@@ -92,7 +90,8 @@ class StateDir:
                 if isinstance(value, torch.Tensor):
                     tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
         metadata = {"fingerprint": fingerprint, "epoch": str(epoch), "samples": str(samples)}
-        atomic_save_file(tensors, self.state_file, metadata)
+        with atomic_path(self.state_file, mode=0o600) as tmp:  # private, as it always was (next to identity.key)
+            save_file(tensors, str(tmp), metadata=metadata)
 
     def close(self) -> None:
         self._lock.close()
@@ -107,22 +106,3 @@ def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         seen.add(tensor.data_ptr())
         out[name] = tensor
     return out
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
-    """safetensors file written to a temp file, fsynced, renamed over ``target``; the directory is fsynced too."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

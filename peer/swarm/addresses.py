@@ -10,6 +10,7 @@ import ipaddress
 
 from peer.errors import UserError
 
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"  # loopback, any free port: reachable only from this machine
 JOIN_HINT = "copy the exact address from a live peer's 'bertswarm-peer --join ...' line"
 _VALUED = {"ip4", "ip6", "dns", "dns4", "dns6", "tcp", "udp", "p2p"}
 _FLAGS = {"quic", "quic-v1", "ws", "wss", "p2p-circuit"}

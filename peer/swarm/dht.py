@@ -6,23 +6,35 @@ become one-line ``UserError``s.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import hivemind
 from hivemind.p2p import P2PDaemonError
 
-from peer.config import DEFAULT_LISTEN, PeerConfig
 from peer.errors import UserError
-from peer.swarm.addresses import JOIN_HINT
+from peer.store.atomic import atomic_write_text
+from peer.swarm import hivemind_compat
+from peer.swarm.addresses import DEFAULT_LISTEN, JOIN_HINT
+from peer.swarm.hivemind_compat import keep_request_futures as keep_request_futures  # re-exported: used with stop_dht
 
 logger = logging.getLogger(__name__)
 
 
-def start_dht(cfg: PeerConfig, record_validators: Sequence = ()) -> hivemind.DHT:
+class DhtSettings(Protocol):
+    """What starting a DHT node needs (``peer.config.PeerConfig`` has these fields)."""
+
+    join: list[str]
+    listen: list[str]
+    announce: list[str]
+    client_mode: bool
+    identity_path: Path
+    startup_timeout: float
+
+
+def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DHT:
     """Start the DHT node (and its p2pd). Addresses were validated with the config (``addresses.py``)."""
     identity = cfg.identity_path
     identity.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +53,7 @@ def start_dht(cfg: PeerConfig, record_validators: Sequence = ()) -> hivemind.DHT
         raise UserError(_explain_daemon_error(str(e), cfg, identity)) from None
 
 
-def _explain_daemon_error(message: str, cfg: PeerConfig, identity: Path) -> str:
+def _explain_daemon_error(message: str, cfg: DhtSettings, identity: Path) -> str:
     text = message.lower()
     if "bootstrap" in text:
         return f"could not reach any peer at {', '.join(cfg.join)}; check that it is running and reachable, {JOIN_HINT}"
@@ -59,7 +71,8 @@ def stop_dht(dht: hivemind.DHT, timeout: float = 5.0) -> None:
     """Stop the DHT process (and its p2pd) within ``timeout`` seconds.
 
     Unlike ``DHT.shutdown``, this keeps the command pipe open until the process has exited: closing it first races
-    with the node's shutdown and prints an ``EOFError`` traceback from the DHT process on every normal exit.
+    with the node's shutdown and prints an ``EOFError`` traceback from the DHT process on every normal exit
+    (``hivemind_compat.shutdown_dht``). Stores made inside ``keep_request_futures`` reach the process before it stops.
     """
     if not dht.is_alive():
         return
@@ -69,35 +82,7 @@ def stop_dht(dht: hivemind.DHT, timeout: float = 5.0) -> None:
         dht.run_coroutine(_noop, return_future=True).result(timeout)
     except Exception as e:
         logger.debug("DHT barrier before shutdown failed: %r", e)
-    dht._outer_pipe.send(("_shutdown", [], {}))
-    dht.join(timeout)
-    if dht.is_alive():
-        logger.warning("DHT did not stop within %.0fs; terminating it", timeout)
-        dht.terminate()
-        dht.join(timeout)
-    dht._outer_pipe.close()
-
-
-@contextlib.contextmanager
-def keep_request_futures(dht: hivemind.DHT):
-    """Keep every future of a DHT request made inside this block alive until the block ends.
-
-    hivemind's ProgressTracker sends a fire-and-forget "goodbye" store at shutdown and drops its future at once; the
-    future's shared memory is then freed before the DHT process reads the request, which fails there with a
-    FileNotFoundError traceback. Holding the futures until ``stop_dht``'s barrier has run avoids that.
-    """
-    kept, original = [], dht.store
-
-    def store(*args, **kwargs):
-        result = original(*args, **kwargs)
-        kept.append(result)
-        return result
-
-    dht.store = store
-    try:
-        yield kept
-    finally:
-        del dht.store  # back to the class's method
+    hivemind_compat.shutdown_dht(dht, timeout)
 
 
 async def _noop(_dht, _node) -> None:
@@ -114,11 +99,7 @@ def join_addresses(dht: hivemind.DHT) -> list[str]:
 
 def write_address_file(path: str, address: str) -> None:
     """Write the join address to ``path`` atomically, so a reader (a container entrypoint) never sees half a line."""
-    target = Path(path).expanduser()
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(address + "\n")
-        os.replace(tmp, target)
+        atomic_write_text(Path(path).expanduser(), address + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"--address-file {path}: cannot write it ({e.strerror}); pick a writable path") from None

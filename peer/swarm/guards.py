@@ -2,11 +2,13 @@
 
 - ``FiniteTensorPartReducer``: hivemind averages every tensor part a groupmate sends, so one peer sending NaN/Inf
   poisons the average for the whole group. Non-finite parts (or weights) are dropped with weight 0, so the others'
-  round completes with the finite contributions; every dropped contribution is counted.
+  round completes with the finite contributions; every dropped contribution is counted. ``hivemind_compat.install``
+  puts it into hivemind's all-reduce.
 - ``BoundedProgressTracker``: hivemind takes the *maximum* epoch over all ``{run}_progress`` records and sums every
   record's ``samples_accumulated`` (unbounded), so one lying record can make the epoch jump or every peer step after
   each mini-batch. Records are parsed with bounded types, the epoch is the majority's (median), and a record's
-  samples and throughput are capped by what a peer a few times faster than the swarm's median could have computed.
+  samples and throughput are capped by what a peer a few times faster than the swarm's median could have computed
+  (``sanitize_progress``; ``hivemind_compat.FilteredProgressTracker`` feeds it hivemind's records).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import time
 
 import pydantic.v1 as pydantic
 import torch
-from hivemind.averaging import allreduce, partition
-from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.averaging import partition
+from hivemind.utils import get_dht_time
 
 from peer.run.schema import MAX_SAMPLES_PER_SECOND, OUTLIER_FACTOR
+from peer.swarm import hivemind_compat
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +74,6 @@ class FiniteTensorPartReducer(partition.TensorPartReducer):
         if self.current_part_accumulated_from == self.num_current_senders and self.denominator == 0:
             self.denominator = 1.0  # every contribution was dropped: the average is zero, not 0/0 = NaN
         super().check_current_part_finished()
-
-
-def install_finite_reducer() -> None:
-    """hivemind's AllReduceRunner builds its reducer from the module global; every averager forked after this call
-    (gradients and state) averages finite parts only."""
-    allreduce.TensorPartReducer = FiniteTensorPartReducer
 
 
 # --- lying progress records -----------------------------------------------------------------------------------------
@@ -142,8 +138,8 @@ def sanitize_progress(
     return kept, dropped
 
 
-class BoundedProgressTracker(ProgressTracker):
-    """hivemind's ProgressTracker reading the swarm's progress records through ``sanitize_progress``."""
+class BoundedProgressTracker(hivemind_compat.FilteredProgressTracker):
+    """hivemind's ProgressTracker reading the other peers' progress records through ``sanitize_progress``."""
 
     def __init__(self, *args, **kwargs):
         self.dropped_records = 0
@@ -173,28 +169,20 @@ class BoundedProgressTracker(ProgressTracker):
             if self._started_epoch is not None and record["epoch"] > self._started_epoch:
                 self._first_seen.setdefault(record["epoch"], now)
 
-    def _parse_swarm_progress_data(self, metadata):
-        if isinstance(metadata, dict) and metadata:
-            own = self._local_public_key
-            others = {k: v.value for k, v in metadata.items() if k != own and isinstance(v, ValueWithExpiration)}
-            now = get_dht_time()
-            kept, dropped = sanitize_progress(
-                others,
-                self.local_progress.dict(),
-                now=now,
-                epoch_started=self._epoch_started,
-                target_batch_size=self.target_batch_size,
-            )
-            self._note_epochs_seen(kept, now)
-            if dropped:
-                self.dropped_records += dropped
-                if time.monotonic() - self._last_warning > 60:  # once a minute, not on every fetch
-                    self._last_warning = time.monotonic()
-                    logger.warning("ignoring implausible training-progress records of other peers (%d so far)",
-                                   self.dropped_records)  # fmt: skip
-            expiration = get_dht_time() + self.metadata_expiration
-            reported_own = own in metadata
-            metadata = {k: ValueWithExpiration(v, expiration) for k, v in kept.items()}
-            if reported_own:  # as hivemind: this peer counts once its own record is in the DHT
-                metadata[own] = ValueWithExpiration(self.local_progress.dict(), expiration)
-        return super()._parse_swarm_progress_data(metadata)
+    def filter_records(self, records: dict[bytes, dict]) -> dict[bytes, dict]:
+        now = get_dht_time()
+        kept, dropped = sanitize_progress(
+            records,
+            self.local_progress.dict(),
+            now=now,
+            epoch_started=self._epoch_started,
+            target_batch_size=self.target_batch_size,
+        )
+        self._note_epochs_seen(kept, now)
+        if dropped:
+            self.dropped_records += dropped
+            if time.monotonic() - self._last_warning > 60:  # once a minute, not on every fetch
+                self._last_warning = time.monotonic()
+                logger.warning("ignoring implausible training-progress records of other peers (%d so far)",
+                               self.dropped_records)  # fmt: skip
+        return kept

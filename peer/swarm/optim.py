@@ -21,15 +21,13 @@ from collections.abc import Callable, Iterable
 from functools import partial
 
 import hivemind
-import numpy as np
 import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
-from hivemind.compression.quantization import Quantization
 from hivemind.optim.grad_averager import GradientAverager
 
 from peer.run.manifest import RunManifest
-from peer.swarm import guards
+from peer.swarm import guards, hivemind_compat
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +40,10 @@ GRAD_COMPRESSIONS = tuple(GRAD_COMPRESSION)
 
 
 def grad_compression(name: str) -> CompressionBase:
+    """The named compression, with hivemind's patches installed in this process: hivemind 1.1.12's 8-bit decoder
+    fails under NumPy >= 2.4 without them (see ``hivemind_compat``), and whoever picks a compression also decodes it."""
+    hivemind_compat.install()
     return GRAD_COMPRESSION[name]()
-
-
-def _extract_quantized(self, serialized_tensor):
-    """hivemind 1.1.12's ``Quantization.extract`` with its one incompatibility fixed: it calls ``int()`` on a
-    one-element array, which NumPy >= 2.4 refuses, so every received 8-bit part failed to decode and hivemind's
-    all-reduce silently kept the local values of that part (the round still reported success)."""
-    buffer = serialized_tensor.buffer
-    codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
-    codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
-    quantized = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
-    # copies: the buffer is read-only, and torch warns about tensors over non-writable arrays
-    quantized = torch.from_numpy(quantized.astype(np.int64)).reshape(tuple(serialized_tensor.size))
-    codebook = torch.from_numpy(codebook.copy()).to(dtype=getattr(torch, serialized_tensor.dtype))
-    return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
-
-
-Quantization.extract = _extract_quantized  # every 8-bit decoder (hivemind's registry holds instances of subclasses)
 
 
 class ClippingMixin:
@@ -179,13 +163,16 @@ def scheduler_factory(manifest: RunManifest):
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(manifest))
 
 
-class SwarmOptimizer(hivemind.Optimizer):
-    """``hivemind.Optimizer`` that reports the outcome and duration of each gradient averaging round.
+class SwarmOptimizer(hivemind_compat.HookedOptimizer):
+    """``hivemind.Optimizer`` that reports the outcome and duration of each gradient averaging round, reads the swarm's
+    progress through ``guards.BoundedProgressTracker`` and averages finite contributions only.
 
     ``on_round(outcome, group_size, seconds)`` is called with outcome ``success``, ``failed`` (the round timed out or
     broke and this peer stepped with its local gradients) or ``solo`` (no other peer was there to average with).
-    Pinned to hivemind 1.1.x, whose private ``_average_gradients_and_load_into_optimizer`` this wraps.
+    The hooks into hivemind's private steps are ``hivemind_compat.HookedOptimizer``'s.
     """
+
+    progress_tracker_class = guards.BoundedProgressTracker
 
     def __init__(
         self,
@@ -198,23 +185,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         self.skipped_nonfinite_steps = 0
         guards.share_rejection_counter()  # before hivemind forks its averagers
-        guards.install_finite_reducer()
+        hivemind_compat.install()  # likewise: the forked averagers keep the (finite-only, NumPy 2.4-fixed) hivemind
         super().__init__(*args, **kwargs)
         self.state_averager.optimizer.on_nonfinite = self._count_nonfinite_step
 
     def _count_nonfinite_step(self) -> None:
         self.skipped_nonfinite_steps += 1
-
-    def _make_progress_tracker(self, target_batch_size: int, **kwargs):
-        return guards.BoundedProgressTracker(
-            dht=self.dht,
-            prefix=self.run_id,
-            target_batch_size=target_batch_size,
-            client_mode=self.client_mode,
-            status_loglevel=self.status_loglevel,
-            start=True,
-            **kwargs,
-        )
 
     def cancel_matchmaking(self) -> bool:
         """Abandon averaging rounds still looking for a group, so a leaving peer is not held for the averaging
@@ -241,16 +217,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
         time.sleep(delay)
 
-    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
-        started = time.perf_counter()
-        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
-        seconds = time.perf_counter() - started
-        if maybe_step_control is None:
+    def gradient_round_finished(self, control, seconds: float) -> None:
+        if control is None:
             self._on_round("solo", 1, seconds)
-        elif maybe_step_control.cancelled():  # this peer is leaving (see cancel_matchmaking)
+        elif control.cancelled():  # this peer is leaving (see cancel_matchmaking)
             self._on_round("failed", 1, seconds)
-        elif maybe_step_control.done() and maybe_step_control.exception() is None:
-            self._on_round("success", len(maybe_step_control.result()), seconds)
+        elif control.done() and control.exception() is None:
+            self._on_round("success", len(control.result()), seconds)
         else:
             self._on_round("failed", 1, seconds)
             logger.warning(
@@ -258,12 +231,9 @@ class SwarmOptimizer(hivemind.Optimizer):
                 "--matchmaking-time (peers could not find a group) or --averaging-timeout (slow links)"
             )
 
-    def _begin_averaging_gradients(self, grad_scaler) -> bool:
-        began = super()._begin_averaging_gradients(grad_scaler)
-        if not began:  # hivemind then steps with local gradients and never calls the method above
-            alone = self.tracker.global_progress.num_peers <= 1
-            self._on_round("solo" if alone else "failed", 1, 0.0)
-        return began
+    def gradients_not_averaged(self) -> None:  # hivemind steps with local gradients and never calls the hook above
+        alone = self.tracker.global_progress.num_peers <= 1
+        self._on_round("solo" if alone else "failed", 1, 0.0)
 
 
 def make_optimizer(

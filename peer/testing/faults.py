@@ -1,5 +1,8 @@
 """Test-only fault injection, read from environment variables inside the peer process (never a CLI flag, never for
 users; like hivemind's own test hooks). The fault suite in ``tests/faults`` sets them on one peer of a local swarm.
+This package is not in the wheel; ``peer.hooks`` loads it only when one of the variables is set, and warns loudly.
+
+- ``BERTSWARM_TEST_PAUSE_FILE=PATH``: while PATH exists the peer takes no steps (it keeps reporting).
 
 - ``BERTSWARM_TEST_NONFINITE_GRADS=1``: after the peer's own finite check, its gradients are replaced by NaN/Inf, so
   it *sends* non-finite contributions to the swarm (a buggy or hostile peer that skipped the check).
@@ -21,9 +24,18 @@ import time
 import torch
 from hivemind.utils import get_dht_time
 
+from peer.store.atomic import atomic_write_text
+
 NONFINITE_GRADS = os.environ.get("BERTSWARM_TEST_NONFINITE_GRADS") == "1"
 LIE = os.environ.get("BERTSWARM_TEST_LIE") == "1"
 WATCH_DIR = os.environ.get("BERTSWARM_TEST_WATCH_DIR")
+PAUSE_FILE = os.environ.get("BERTSWARM_TEST_PAUSE_FILE")
+
+
+def paused() -> bool:
+    """While the pause file exists, the peer takes no steps but stays in the swarm and keeps reporting, so a test can
+    compare every peer's weights with a checkpoint at one known step."""
+    return bool(PAUSE_FILE) and os.path.exists(PAUSE_FILE)
 
 
 def install(trainer) -> None:
@@ -45,10 +57,7 @@ def fingerprint(model: torch.nn.Module) -> list[float]:
 
 
 def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text, durable=False)  # read by the test while the peer runs; no fsync delays the probe
 
 
 def _watch(trainer, directory: str) -> None:

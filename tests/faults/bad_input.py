@@ -109,7 +109,7 @@ def bad_inputs(session: Session | None, workdir: Path, corpus: Path) -> dict:
                               "seq_len (from --seq-len): run has 64", "Drop these flags"))  # fmt: skip
         assert "hidden_size" not in line  # the derived model section does not repeat the preset conflict
         c.peer("state_dir_in_use", "--join", peer.join_address, "--state-dir", str(peer.state_dir),
-               expect=("is in use by another running peer", "its own --state-dir"))  # fmt: skip
+               expect=("--state-dir", "in use by another running peer", "its own state directory"))  # fmt: skip
         assert peer.alive()
 
     # the other cases need no swarm: pause it (SIGSTOP), so the answers are timed on a quiet machine

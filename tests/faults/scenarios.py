@@ -10,7 +10,8 @@ import signal
 import time
 import urllib.request
 
-from peer.store.checkpoint import TMP_PREFIX, latest_path, list_checkpoints, load_checkpoint
+from peer.store.checkpoint import TMP_PREFIX, latest_path, list_checkpoints
+from peer.store.load import load_checkpoint
 from tests.faults.harness import AVERAGING_TIMEOUT, ROUND_UNDER_WAY, SIZE, TARGET_BATCH, Session
 
 SUCCESS_TIMEOUT = 150.0

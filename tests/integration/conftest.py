@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def write_small_corpus(path: Path) -> Path:
     """~300 kB of the embedded corpus as a .txt file: quick to tokenise in every peer process."""
-    from peer.data.corpus import default_corpus
+    from peer.data.embedded import default_corpus
 
     docs, size = [], 0
     for doc in default_corpus():

@@ -1,11 +1,13 @@
-"""One peer of the equivalence test: trains a small BERT on deterministic batches through the product's optimizer
-(``peer.optim.make_optimizer``) and records which of its micro-batches went into which global step.
+"""One peer of the equivalence test: the product's own ``peer.trainer.Trainer`` (its ``step``: forward, backward,
+finite check, ``SwarmOptimizer.step``) on deterministic micro-batches, recording which of them went into which global
+step.
 
 Usage: python equivalence_worker.py INDEX STEPS OUT_DIR [JOIN_ADDRESS]
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -16,10 +18,13 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from safetensors.torch import save_file
 
 from peer.config import PeerConfig
+from peer.data.tokenizer import default_tokenizer
 from peer.run.manifest import RunManifest
-from peer.run.model import build_model
-from peer.swarm.dht import join_addresses, start_dht
-from peer.swarm.optim import make_optimizer
+from peer.store.state import StateDir
+from peer.swarm import records
+from peer.swarm.dht import join_addresses, start_dht, stop_dht
+from peer.telemetry import PeerTelemetry
+from peer.trainer import Prepared, Trainer
 
 BATCH_SIZE, SEQ_LEN = 4, 16
 COMPUTE_SECONDS = 0.3  # a real model's batch takes this long; lets hivemind's progress tracker see both peers
@@ -33,6 +38,7 @@ MANIFEST = RunManifest(
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        type_vocab_size=2,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     ),
@@ -53,7 +59,7 @@ MANIFEST = RunManifest(
 def make_batch(peer: int, index: int) -> dict[str, torch.Tensor]:
     """Micro-batch ``index`` of peer ``peer``: the same tensors in the worker and in the test's reference."""
     g = torch.Generator().manual_seed(1_000_003 * (peer + 1) + index)
-    vocab = MANIFEST.model["vocab_size"]
+    vocab = MANIFEST.model.vocab_size
     input_ids = torch.randint(5, vocab, (BATCH_SIZE, SEQ_LEN), generator=g)
     selected = torch.rand(BATCH_SIZE, SEQ_LEN, generator=g) < 0.3
     selected[:, 0] = True
@@ -62,56 +68,67 @@ def make_batch(peer: int, index: int) -> dict[str, torch.Tensor]:
     return dict(input_ids=masked, attention_mask=torch.ones_like(input_ids), labels=labels)
 
 
+class RecordingTrainer(Trainer):
+    """The product's trainer; only its optimizer callbacks also record each round's outcome and each state load."""
+
+    events = {"rounds": [], "state_loads": 0}
+
+    def _on_round(self, outcome: str, group_size: int, seconds: float) -> None:
+        super()._on_round(outcome, group_size, seconds)
+        self.events["rounds"].append([outcome, group_size])
+
+    def _on_state_loaded(self, seconds: float) -> None:
+        super()._on_state_loaded(seconds)
+        self.events["state_loads"] += 1
+
+
 def main() -> None:
     index, steps, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    join = sys.argv[4:5]
-    cfg = PeerConfig(join=join, state_dir=str(out / f"state-{index}"), matchmaking_time=1.0, averaging_timeout=20.0)
-    dht = start_dht(cfg)
+    cfg = PeerConfig(
+        join=sys.argv[4:5], state_dir=str(out / f"state-{index}"), matchmaking_time=1.0, averaging_timeout=20.0,
+        batch_size=BATCH_SIZE, device="cpu", threads=1, save_every=0, seed=index,
+    ).validate()  # fmt: skip
+    dht = start_dht(cfg, records.registry_validators())
+    dht.add_validators(records.run_validators(MANIFEST.run_id)[0])
     print("ADDRESS", join_addresses(dht)[0], flush=True)
-    torch.set_num_threads(1)
-    model = build_model(MANIFEST.model, nsp=False, seed=MANIFEST.init_seed)
-    events = {"rounds": [], "state_loads": 0}
-    opt = make_optimizer(
-        model, MANIFEST, dht, batch_size=BATCH_SIZE, matchmaking_time=1.0, averaging_timeout=20.0,
-        on_round=lambda outcome, size, seconds: events["rounds"].append([outcome, size]),
-        on_state_loaded=lambda seconds: events.__setitem__("state_loads", events["state_loads"] + 1),
-    )  # fmt: skip
+    prepared = Prepared(StateDir(cfg.state_path), default_tokenizer(), [], PeerTelemetry(), None)
+    batches = (make_batch(index, k) for k in itertools.count())
+    trainer = RecordingTrainer(cfg, prepared, dht, MANIFEST, batches=batches)
     try:
-        train(index, steps, out, model, opt, events)
+        train(index, steps, out, trainer)
     finally:
-        opt.shutdown()
-        dht.shutdown()
+        trainer.close()
+        stop_dht(dht)
+        prepared.state_dir.close()
 
 
-def train(index, steps, out, model, opt, events) -> None:
+def train(index: int, steps: int, out: Path, trainer: RecordingTrainer) -> None:
     # start together: a lone peer would step solo (hivemind's tracker only sees peers that have samples)
-    opt.dht.store("equivalence_ready", True, get_dht_time() + 300, subkey=index)
+    dht = trainer.dht
+    dht.store("equivalence_ready", True, get_dht_time() + 300, subkey=index)
     deadline = time.monotonic() + 60
-    while len((opt.dht.get("equivalence_ready", latest=True) or ValueWithExpiration({}, 0)).value) < 2:
+    while len((dht.get("equivalence_ready", latest=True) or ValueWithExpiration({}, 0)).value) < 2:
         if time.monotonic() > deadline:
             raise RuntimeError("the other worker never showed up")
         time.sleep(0.1)
     contributions: dict[int, list[int]] = {}
     pending: list[int] = []
     k = 0
-    while opt.local_epoch < steps:
+    while trainer.opt.local_epoch < steps:
         time.sleep(COMPUTE_SECONDS)
-        loss = model(**make_batch(index, k)).loss
-        loss.backward()
-        epoch, loads = opt.local_epoch, events["state_loads"]
-        opt.step()
-        opt.zero_grad()
-        if events["state_loads"] != loads:
+        epoch, loads = trainer.opt.local_epoch, trainer.events["state_loads"]
+        trainer.step()  # micro-batch k
+        if trainer.events["state_loads"] != loads:
             pending = []  # local progress was discarded while catching up
         else:
             pending.append(k)
-            if opt.local_epoch > epoch:
+            if trainer.opt.local_epoch > epoch:
                 contributions[epoch] = pending
                 pending = []
         k += 1
-    params = {name: p.detach().clone().contiguous() for name, p in model.named_parameters()}
+    params = {name: p.detach().clone().contiguous() for name, p in trainer.model.named_parameters()}
     save_file(params, str(out / f"params-{index}.safetensors"))
-    (out / f"record-{index}.json").write_text(json.dumps({"contributions": contributions, **events}))
+    (out / f"record-{index}.json").write_text(json.dumps({"contributions": contributions, **trainer.events}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Crash-test worker for ``peer.checkpoint``: write epoch 1, then SIGKILL itself inside the write of epoch 2.
+"""Crash-test worker for ``peer.store.checkpoint``: write epoch 1, then SIGKILL itself inside the write of epoch 2.
 
     python -m tests.unit.checkpoint_kill_worker ROOT KILL_AT SOURCE
 
@@ -21,9 +21,10 @@ from pathlib import Path
 
 from peer.data.tokenizer import load_tokenizer
 from peer.store import checkpoint
+from peer.store.load import load_checkpoint
 
 OS_STEPS = ("mkdir", "write", "fsync", "rename", "replace", "unlink", "rmdir")
-MODULE_STEPS = ("save_file", "save_tokenizer")  # names bound in peer.checkpoint
+MODULE_STEPS = ("save_file", "save_tokenizer")  # names bound in peer.store.checkpoint
 
 
 class KillSwitch:
@@ -48,7 +49,7 @@ class KillSwitch:
 
 def main() -> None:
     root, kill_at, source = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    tensors, meta = checkpoint.load_checkpoint(source, None)
+    tensors, meta = load_checkpoint(source, None)
     config = json.loads((source / checkpoint.CONFIG_FILE).read_text(encoding="utf-8"))
     tokenizer = load_tokenizer(source)
     run = {key: meta[key] for key in ("run_id", "fingerprint", "manifest")}

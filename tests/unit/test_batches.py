@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peer.data.batches import IGNORE_INDEX, BatchStream, heldout_batches, mask_tokens
-from peer.data.corpus import clean_prose
+from peer.data.embedded import clean_prose
 from peer.data.tokenizer import TokenizerInfo, build_tokenizer, default_tokenizer
 from peer.errors import UserError
 

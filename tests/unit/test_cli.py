@@ -76,3 +76,12 @@ def test_main_prints_one_line_and_exits_2(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bertswarm-peer: error: --preset 'huge'")
     assert "Traceback" not in err
+
+
+def test_boolean_flags_turn_off_what_the_environment_turned_on():
+    cfg, explicit = parse_config(["--no-nsp"], environ={"BERTSWARM_NSP": "1"})
+    assert cfg.nsp is False and "nsp" in explicit
+    cfg, _ = parse_config([], environ={"BERTSWARM_NSP": "1"})
+    assert cfg.nsp is True
+    cfg, _ = parse_config(["--nsp"], environ={})
+    assert cfg.nsp is True

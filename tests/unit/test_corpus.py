@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from peer.data import corpus
-from peer.data.corpus import clean_prose, default_corpus, load_documents, shard_order, split_heldout
+from peer.data import embedded
+from peer.data.corpus import load_documents, shard_order, split_heldout
+from peer.data.embedded import clean_prose, default_corpus
 from peer.errors import UserError
 
 # The 20 most frequent words of written English (Oxford English Corpus).
@@ -78,10 +79,10 @@ def test_default_corpus_second_call_is_cached_and_identical(built_default_corpus
 def test_default_corpus_cache_ignores_corrupt_files(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('["truncated', encoding="utf-8")
-    assert corpus._read_cache(broken) is None
-    assert corpus._read_cache(tmp_path / "missing.json") is None
-    corpus._write_cache(tmp_path / "ok.json", ["one document", "another"])
-    assert corpus._read_cache(tmp_path / "ok.json") == ["one document", "another"]
+    assert embedded._read_cache(broken) is None
+    assert embedded._read_cache(tmp_path / "missing.json") is None
+    embedded._write_cache(tmp_path / "ok.json", ["one document", "another"])
+    assert embedded._read_cache(tmp_path / "ok.json") == ["one document", "another"]
     assert [path.name for path in tmp_path.iterdir() if path.suffix == ".tmp"] == []
 
 

@@ -184,8 +184,19 @@ def test_the_image_s_pip_install_gets_everything_from_the_build_context(tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "dist").glob("bertswarm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("peer/cli.py", "peer/trainer.py", "peer/assets/vocab.txt", "coordinator/cli.py"):
+    for module in (
+        "peer/cli.py",
+        "peer/trainer.py",
+        "peer/assets/vocab.txt",
+        "coordinator/cli.py",
+        "peer/hooks.py",
+        "peer/run/manifest.py",
+        "peer/data/batches.py",
+        "peer/store/state.py",
+        "peer/swarm/optim.py",
+    ):
         assert module in names, module
+    assert not [n for n in names if n.startswith("peer/testing/")], "the test hooks must stay out of the wheel"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "bertswarm-peer = peer.cli:main" in text and "bertswarm-coordinator = coordinator.cli:main" in text

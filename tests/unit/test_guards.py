@@ -4,6 +4,7 @@ import asyncio
 import math
 
 import torch
+from hivemind.optim.progress_tracker import ProgressTracker
 
 from peer.swarm import guards
 from peer.swarm.optim import ClippedAdamW
@@ -69,7 +70,7 @@ def test_the_tracker_caps_by_time_only_in_epochs_it_entered_by_a_global_step(mon
     tracker = Bare.__new__(Bare)
     tracker._epoch_started, tracker._started_epoch, tracker._first_seen = None, None, {}
     seen = []
-    monkeypatch.setattr(guards.ProgressTracker, "report_local_progress", lambda self, *a, **k: seen.append(a))
+    monkeypatch.setattr(ProgressTracker, "report_local_progress", lambda self, *a, **k: seen.append(a))
     tracker.report_local_progress(0, 0)  # start-up
     assert tracker._epoch_started is None
     tracker.report_local_progress(1, 0)  # a global step: the epoch began here, with the swarm

@@ -80,7 +80,7 @@ def test_non_finite_gradient_is_detected():
 )
 def test_grad_compression_choices_put_fewer_bytes_on_the_wire(name, rel_error, wire_bytes_per_value):
     """Each gradient compression serialises a part as hivemind sends it, and a peer decodes it (8-bit: with the
-    NumPy 2.4 fix in peer/optim.py)."""
+    NumPy 2.4 fix in peer/swarm/hivemind_compat.py, which grad_compression installs)."""
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
     assert set(GRAD_COMPRESSIONS) == {"none", "fp16", "int8"}
@@ -90,3 +90,33 @@ def test_grad_compression_choices_put_fewer_bytes_on_the_wire(name, rel_error, w
     decoded = deserialize_torch_tensor(wire)
     assert decoded.dtype == torch.float32
     assert (decoded - part).norm() <= rel_error * part.norm()
+
+
+# what the all-reduce sends: a part compressed and wrapped in an AveragingData message (relative error bound)
+WIRE_ERROR = {"NONE": 0.0, "FLOAT16": 1e-3, "MEANSTD_16BIT": 1e-3, "UNIFORM_8BIT": 0.05, "QUANTILE_8BIT": 0.05,
+              "BLOCKWISE_8BIT": 0.05}  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(10_000,), (37, 129)])
+@pytest.mark.parametrize("name", sorted(WIRE_ERROR))
+def test_every_hivemind_compression_decodes_what_it_sent(name, shape):
+    """Each of hivemind's compressions, encoded as a groupmate sends a part (compressed, in a protobuf message on the
+    wire) and decoded as the receiver does, with hivemind_compat's patches: under NumPy >= 2.4 hivemind 1.1.12's own
+    8-bit decoders (uniform, quantile and blockwise) raise, and the all-reduce then silently keeps local values."""
+    from hivemind.compression import deserialize_torch_tensor
+    from hivemind.compression.base import CompressionInfo
+    from hivemind.compression.serialization import _BASE_COMPRESSION_TYPES
+    from hivemind.proto import averaging_pb2
+
+    from peer.swarm import hivemind_compat
+
+    if name == "BLOCKWISE_8BIT":
+        pytest.importorskip("bitsandbytes", reason="hivemind's blockwise 8-bit compression needs bitsandbytes")
+    assert set(WIRE_ERROR) == set(_BASE_COMPRESSION_TYPES)  # a new hivemind compression gets a bound here
+    hivemind_compat.install()
+    part = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    compressed = _BASE_COMPRESSION_TYPES[name].compress(part, CompressionInfo.from_tensor(part))
+    wire = averaging_pb2.AveragingData(tensor_part=compressed, weight=1.0).SerializeToString()
+    decoded = deserialize_torch_tensor(averaging_pb2.AveragingData.FromString(wire).tensor_part)
+    assert decoded.dtype == part.dtype and decoded.shape == part.shape
+    assert (decoded - part).norm() <= WIRE_ERROR[name] * part.norm()

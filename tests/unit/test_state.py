@@ -7,6 +7,7 @@ import torch
 
 from peer.errors import UserError
 from peer.run.model import build_model
+from peer.store.errors import StateError
 from peer.store.state import StateDir
 
 MODEL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
@@ -31,8 +32,11 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_state_dir_is_exclusive(tmp_path):
     first = StateDir(tmp_path)
-    with pytest.raises(UserError, match="in use by another running peer"):
+    with pytest.raises(
+        StateError, match=rf"^{tmp_path}: in use by another running peer; .* its own state directory$"
+    ) as e:
         StateDir(tmp_path)
+    assert str(e.value.with_flag("--state-dir")).startswith(f"--state-dir {tmp_path}: in use")  # as the peer says it
     first.close()
     StateDir(tmp_path).close()
 

@@ -1,0 +1,277 @@
+"""The one module that touches hivemind's internals (private names, monkeypatches), and the versions it was checked on.
+
+Everything else in bertswarm uses hivemind's public API. What bertswarm needs beyond it is here, each piece with why,
+and was verified against the hivemind versions in ``CHECKED_VERSIONS`` only (``pyproject.toml`` pins the same range);
+``check_version`` refuses any other at start. To move to a new hivemind: read the new source of each name below,
+adapt, rerun the unit and integration tests, then add the version.
+
+- ``install()``: the patches, once per process, before hivemind forks an averager (forked processes inherit them):
+  the 8-bit decoders fixed for NumPy >= 2.4, and the finite-only reducer of ``peer.swarm.guards`` in the all-reduce.
+- ``HookedOptimizer`` / ``FilteredProgressTracker``: hivemind subclasses that turn the private steps bertswarm needs
+  into public hooks (``peer.swarm.optim.SwarmOptimizer`` and ``peer.swarm.guards.BoundedProgressTracker`` use them).
+- ``shutdown_dht``, ``keep_request_futures``: DHT shutdown without the tracebacks hivemind prints on every exit.
+- ``sync_lr_schedule``: the LR scheduler to the averager's epoch now (hivemind does it lazily).
+- ``configure_logging``: hivemind's log level, and silence for its benign shutdown races and LR-scheduler warning
+  (``peer.cli.setup_logging`` calls it).
+
+Importing this module imports neither hivemind nor torch: ``configure_logging`` must run before hivemind's first import
+(it reads ``HIVEMIND_LOGLEVEL`` once, then), and ``check_version`` must answer before anything that could break under
+another hivemind is imported. The hivemind subclasses are therefore built on first access (``__getattr__`` below).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+
+from peer.errors import UserError
+
+CHECKED_VERSIONS = ("1.1.12",)  # the hivemind versions whose internals this module was verified against
+
+
+def check_version(installed: str | None = None) -> None:
+    """Refuse (one-line ``UserError``) a hivemind this module was not checked against; call before the DHT starts."""
+    if installed is None:
+        import hivemind
+
+        installed = hivemind.__version__
+    if installed not in CHECKED_VERSIONS:
+        checked = ", ".join(CHECKED_VERSIONS)
+        raise UserError(
+            f"hivemind {installed} is installed, but bertswarm was checked only with hivemind {checked}; "
+            f"install that with: pip install 'hivemind=={CHECKED_VERSIONS[-1]}'"
+        )
+
+
+# --- patches, installed once by install() ---------------------------------------------------------------------------
+
+_installed = False
+
+
+def install() -> None:
+    """Install the patches below in this process (idempotent). Call before hivemind forks an averager: a forked
+    averager keeps the classes it was forked with (``SwarmOptimizer`` does this before building its averagers)."""
+    global _installed
+    if _installed:
+        return
+    from hivemind.averaging import allreduce
+    from hivemind.compression.quantization import BlockwiseQuantization, Quantization
+
+    from peer.swarm.guards import FiniteTensorPartReducer
+
+    # every 8-bit decoder (hivemind's registry holds instances of these classes' subclasses)
+    Quantization.extract = _extract_quantized
+    BlockwiseQuantization.extract = _extract_blockwise
+    # hivemind's AllReduceRunner builds its reducer from this module global; every averager forked after this call
+    # (gradients and state) averages finite parts only
+    allreduce.TensorPartReducer = FiniteTensorPartReducer
+    _installed = True
+
+
+def _extract_quantized(self, serialized_tensor):
+    """hivemind 1.1.12's ``Quantization.extract`` (uniform and quantile 8-bit) with its one incompatibility fixed: it
+    calls ``int()`` on a one-element array, which NumPy >= 2.4 refuses, so every received 8-bit part failed to decode
+    and hivemind's all-reduce silently kept the local values of that part (the round still reported success)."""
+    import numpy as np
+    import torch
+
+    buffer = serialized_tensor.buffer
+    codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+    codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+    quantized = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+    # copies: the buffer is read-only, and torch warns about tensors over non-writable arrays
+    quantized = torch.from_numpy(quantized.astype(np.int64)).reshape(tuple(serialized_tensor.size))
+    codebook = torch.from_numpy(codebook.copy()).to(dtype=getattr(torch, serialized_tensor.dtype))
+    return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
+
+
+def _extract_blockwise(self, serialized_tensor):
+    """hivemind 1.1.12's ``BlockwiseQuantization.extract`` with the same fix: it reads both of its sizes with ``int()``
+    of a one-element array, so under NumPy >= 2.4 every blockwise 8-bit part failed to decode (``TypeError``, reproduced
+    with bitsandbytes 0.50.2 on CPU). Decoding still needs bitsandbytes, as in hivemind."""
+    import numpy as np
+    import torch
+    from hivemind.compression.quantization import _BLOCKWISE_QUANTIZATION_BLOCKSIZE, BNB_MISSING_MESSAGE
+
+    try:
+        from bitsandbytes.functional import dequantize_blockwise
+    except ImportError:
+        raise ImportError(BNB_MISSING_MESSAGE) from None
+
+    buffer = serialized_tensor.buffer
+    absmax_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+    codebook_size = int(np.frombuffer(buffer, offset=8, count=1, dtype=np.int64)[0])
+    absmax = np.frombuffer(buffer, offset=16, count=absmax_size, dtype=self.codebook_dtype)
+    codebook = np.frombuffer(buffer, offset=16 + absmax.nbytes, count=codebook_size, dtype=self.codebook_dtype)
+    quantized = np.frombuffer(buffer, offset=16 + absmax.nbytes + codebook.nbytes, dtype=self.indices_dtype)
+    # copies: the buffer is read-only, and torch warns about tensors over non-writable arrays
+    absmax, codebook = torch.from_numpy(absmax.copy()), torch.from_numpy(codebook.copy())
+    quantized = torch.from_numpy(quantized.copy()).reshape(tuple(serialized_tensor.size))
+    result = dequantize_blockwise(
+        quantized, absmax=absmax, code=codebook, blocksize=_BLOCKWISE_QUANTIZATION_BLOCKSIZE, nested=False
+    )
+    return result.to(getattr(torch, serialized_tensor.dtype)).requires_grad_(serialized_tensor.requires_grad)
+
+
+# --- hivemind subclasses with public hooks (built on first access) --------------------------------------------------
+
+
+def _build_hooked_optimizer():
+    import hivemind
+
+    class HookedOptimizer(hivemind.Optimizer):
+        """``hivemind.Optimizer`` with public hooks where bertswarm needs its private steps:
+
+        - ``progress_tracker_class``: the ``ProgressTracker`` (subclass) it builds; hivemind hard-codes its own;
+        - ``gradient_round_finished(control, seconds)``: after each gradient averaging round hivemind ran or tried, with
+          its ``StepControl`` (None: hivemind averaged alone, without a round) and the round's duration;
+        - ``gradients_not_averaged()``: hivemind did not begin a round and steps with the local gradients; it then never
+          calls the hook above.
+        """
+
+        progress_tracker_class = None
+
+        def gradient_round_finished(self, control, seconds: float) -> None:
+            pass
+
+        def gradients_not_averaged(self) -> None:
+            pass
+
+        def _make_progress_tracker(self, target_batch_size: int, **kwargs):
+            if self.progress_tracker_class is None:
+                return super()._make_progress_tracker(target_batch_size, **kwargs)
+            return self.progress_tracker_class(  # as hivemind 1.1.12 builds its own
+                dht=self.dht,
+                prefix=self.run_id,
+                target_batch_size=target_batch_size,
+                client_mode=self.client_mode,
+                status_loglevel=self.status_loglevel,
+                start=True,
+                **kwargs,
+            )
+
+        def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+            started = time.perf_counter()
+            super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+            self.gradient_round_finished(maybe_step_control, time.perf_counter() - started)
+
+        def _begin_averaging_gradients(self, grad_scaler) -> bool:
+            began = super()._begin_averaging_gradients(grad_scaler)
+            if not began:
+                self.gradients_not_averaged()
+            return began
+
+    return HookedOptimizer
+
+
+def _build_filtered_progress_tracker():
+    from hivemind.optim.progress_tracker import ProgressTracker
+    from hivemind.utils import ValueWithExpiration, get_dht_time
+
+    class FilteredProgressTracker(ProgressTracker):
+        """hivemind's ``ProgressTracker`` reading the other peers' ``{run}_progress`` records through
+        ``filter_records(records) -> kept records`` (plain dicts, keyed by the record's subkey); this peer's own record
+        is never passed to it and counts as hivemind counts it."""
+
+        def filter_records(self, records: dict[bytes, dict]) -> dict[bytes, dict]:
+            return records
+
+        def _parse_swarm_progress_data(self, metadata):
+            if isinstance(metadata, dict) and metadata:
+                own = self._local_public_key
+                others = {k: v.value for k, v in metadata.items() if k != own and isinstance(v, ValueWithExpiration)}
+                kept = self.filter_records(others)
+                expiration = get_dht_time() + self.metadata_expiration
+                reported_own = own in metadata
+                metadata = {k: ValueWithExpiration(v, expiration) for k, v in kept.items()}
+                if reported_own:  # as hivemind: this peer counts once its own record is in the DHT
+                    metadata[own] = ValueWithExpiration(self.local_progress.dict(), expiration)
+            return super()._parse_swarm_progress_data(metadata)
+
+    return FilteredProgressTracker
+
+
+_LAZY_CLASSES = {
+    "HookedOptimizer": _build_hooked_optimizer,
+    "FilteredProgressTracker": _build_filtered_progress_tracker,
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY_CLASSES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = _LAZY_CLASSES[name]()
+    cls.__qualname__ = name  # a module-level class from here on (pickle, repr)
+    globals()[name] = cls  # built once: later lookups find it without this function
+    return cls
+
+
+# --- the rest of hivemind's internals that bertswarm uses -----------------------------------------------------------
+
+
+def sync_lr_schedule(state_averager) -> None:
+    """Step a ``TrainingStateAverager``'s LR scheduler up to its ``local_epoch`` now; hivemind does it lazily, at the
+    next optimizer step, so a resumed peer would otherwise report (and start) with the LR of step 0."""
+    state_averager._update_scheduler()
+
+
+def shutdown_dht(dht, timeout: float) -> None:
+    """``DHT.shutdown``, except that the command pipe stays open until the process has exited: hivemind closes it
+    first, which races with the node's shutdown and prints an ``EOFError`` traceback from the DHT process on every
+    normal exit. Waits ``timeout`` seconds, then terminates the process."""
+    dht._outer_pipe.send(("_shutdown", [], {}))
+    dht.join(timeout)
+    if dht.is_alive():
+        logging.getLogger(__name__).warning("DHT did not stop within %.0fs; terminating it", timeout)
+        dht.terminate()
+        dht.join(timeout)
+    dht._outer_pipe.close()
+
+
+@contextlib.contextmanager
+def keep_request_futures(dht):
+    """Keep every future of a DHT ``store`` made inside this block alive until the block ends.
+
+    hivemind's ProgressTracker sends a fire-and-forget "goodbye" store at shutdown and drops its future at once; the
+    future's shared memory is then freed before the DHT process reads the request, which fails there with a
+    FileNotFoundError traceback. Holding the futures until ``peer.swarm.dht.stop_dht``'s barrier has run avoids that.
+    """
+    kept, original = [], dht.store
+
+    def store(*args, **kwargs):
+        result = original(*args, **kwargs)
+        kept.append(result)
+        return result
+
+    dht.store = store
+    try:
+        yield kept
+    finally:
+        del dht.store  # back to the class's method
+
+
+def configure_logging() -> None:
+    """hivemind's logging as bertswarm wants it; call before hivemind is first imported (``peer.cli.setup_logging``)."""
+    # hivemind's INFO lines are internals (its warnings and errors still show). Its handler reads this variable at
+    # import time, in this process and in the processes it forks.
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+    # hivemind's background event loops leave pending tasks behind at shutdown; asyncio reports each one as an ERROR
+    # with a traceback, which reads like a crash to volunteers. bertswarm's own code logs its failures itself.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("hivemind.dht.dht").addFilter(drop_orphaned_request_errors)
+    # hivemind advances the LR scheduler to the swarm's step after loading state, before any local optimizer step
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+
+
+def drop_orphaned_request_errors(record: logging.LogRecord) -> bool:
+    """Hide one benign hivemind race (the filter is inherited by the forked DHT process).
+
+    When a process that sent a DHT request exits first (an averager at shutdown, say), the DHT process cannot unpickle
+    the request and logs an ERROR with a traceback: FileNotFoundError (the request's shared memory is gone),
+    ConnectionResetError or EOFError (its pipe is gone). Nobody waits for that request any more.
+    """
+    exc_type = record.exc_info[0] if record.exc_info else None
+    return not (exc_type is not None and issubclass(exc_type, (FileNotFoundError, ConnectionResetError, EOFError)))
