@@ -1,5 +1,6 @@
-"""One training process of a benchmark arm: a swarm peer (the product's ``make_optimizer``), the single-process
-reference, or one DDP rank. All three use the same manifest, model, batch streams and optimizer math; each records
+"""One training process of a benchmark arm: a swarm peer (the product's own ``peer.trainer.Trainer``, stepped with
+``Trainer.step``), the single-process reference, or one DDP rank (their own loops over the product's model, optimizer
+and schedule). All three use the same manifest, model, batch streams and optimizer math; each records
 ``(wall time, global step)`` after every optimizer step and writes ``<out>/<name>.json``.
 
 Usage: python -m bench.train_worker MODE --out DIR --name NAME [options]   (MODE: swarm | single | ddp)
@@ -8,22 +9,23 @@ Usage: python -m bench.train_worker MODE --out DIR --name NAME [options]   (MODE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import time
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from bench import workload
 from bench.common import cpu_breakdown
+from peer import trainer as product_trainer
 from peer.swarm.optim import (
     GRAD_COMPRESSIONS,
     grad_compression,
-    is_finite_gradient,
     make_optimizer,
     optimizer_factory,
     param_groups,
@@ -61,23 +63,24 @@ def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     run = workload.make_manifest(args.run_id, args.preset, args.seq_len, args.target, args.warmup)
-    model = workload.model_for(run)
     result = {"mode": args.mode, "name": args.name, "index": args.index, "peers": args.peers, "steps": []}
+    if args.mode == "swarm":  # the trainer builds the model (``trainer_created`` phase)
+        started = time.time()
+        # seconds since the process started at which each phase ended: where an arm's time goes besides training
+        result["phases"] = {"imports": started - _process_start_time()}
+        swarm(args, run, result, partial(_finish, args, run, result, started))
+        return
+    model = workload.model_for(run)
     started = time.time()
-    # seconds since the process started at which each phase ended: where an arm's time goes besides training
     result["phases"] = {"imports_and_model": started - _process_start_time()}
-    finish = partial(_finish, args, run, model, result, started)
-    if args.mode == "swarm":
-        swarm(args, run, model, result, finish)
-    elif args.mode == "single":
+    if args.mode == "single":
         single(args, run, model, result)
-        finish()
     else:
         ddp(args, run, model, result)
-        finish()
+    _finish(args, run, result, started, model)
 
 
-def _finish(args, run, model, result: dict, started: float) -> None:
+def _finish(args, run, result: dict, started: float, model: torch.nn.Module) -> None:
     """Evaluate, write ``<out>/<name>.json`` and print DONE (the launcher then stops the whole process group)."""
     result["wall_s"] = time.time() - started
     if args.eval:
@@ -88,88 +91,143 @@ def _finish(args, run, model, result: dict, started: float) -> None:
     print("DONE", flush=True)
 
 
-def swarm(args, run, model, result, finish) -> None:
+def swarm(args, run, result, finish) -> None:
+    """A swarm peer is the product's own ``peer.trainer.Trainer``, built from the bench's manifest and fed the bench's
+    micro-batch stream; the measured forward/backward/optimizer step is ``Trainer.step``."""
     from peer.config import PeerConfig
+    from peer.store.state import StateDir
+    from peer.swarm import records
     from peer.swarm.dht import join_addresses, keep_request_futures, start_dht, stop_dht
+    from peer.telemetry import PeerTelemetry
 
-    defaults = PeerConfig()
-    matchmaking = args.matchmaking_time or defaults.matchmaking_time
-    timeout = args.averaging_timeout or defaults.averaging_timeout
+    timing = {"matchmaking_time": args.matchmaking_time, "averaging_timeout": args.averaging_timeout}
     cfg = PeerConfig(
         join=[args.join] if args.join else [],
         listen=[f"/ip4/{args.host}/tcp/0"],
         state_dir=str(args.out / f"state-{args.name}"),
-    )
-    dht = start_dht(cfg)
+        batch_size=args.batch,
+        device="cpu",  # every arm trains on CPU, whatever the machine has
+        threads=args.threads,
+        seed=workload.peer_seed(args.index),
+        max_steps=args.steps,
+        save_every=0,
+        **{name: value for name, value in timing.items() if value is not None},
+    ).validate()
+    dht = start_dht(cfg, records.registry_validators())  # as the product's peer (``peer.trainer.run``)
+    dht.add_validators(records.run_validators(run.run_id)[0])
     _phase(result, "dht_started")
     print("ADDRESS", join_addresses(dht)[0], flush=True)
-    extra = {} if args.compression is None else {"grad_compression": grad_compression(args.compression)}
-    rounds, loads = [], [0]
-    opt = make_optimizer(
-        model,
-        run,
-        dht,
-        batch_size=args.batch,
-        matchmaking_time=matchmaking,
-        averaging_timeout=timeout,
-        on_round=lambda outcome, size, seconds: rounds.append([outcome, size, seconds]),
-        on_state_loaded=lambda seconds: loads.__setitem__(0, loads[0] + 1),
-        **extra,
-    )
-    _phase(result, "optimizer_created")
+    prepared = product_trainer.Prepared(StateDir(cfg.state_path), workload.tokenizer(), [], PeerTelemetry(), None)
+    trainer = None
     try:
+        batches = workload.stream(run, cfg.batch_size, workload.peer_seed(args.index))
+        with _grad_compression(args.compression):
+            trainer = _BenchTrainer(cfg, prepared, dht, run, batches=batches)
+        _phase(result, "trainer_created")
         _wait_for_peers(dht, args)
         _phase(result, "peers_ready")
-        batches = workload.stream(run, args.batch, workload.peer_seed(args.index))
-        contributions: dict[int, list[int]] = {}
-        pending: list[int] = []
-        k = 0
-        # wall time in forward/backward vs in opt.step (accumulation, tracker, averaging); CPU time of forward/backward
-        compute_s = step_s = compute_cpu_s = 0.0
-        roles = {dht.pid: "dht", opt.state_averager.pid: "state_averager", opt.grad_averager.pid: "grad_averager"}
+        roles = {dht.pid: "dht", trainer.opt.state_averager.pid: "state_averager",
+                 trainer.opt.grad_averager.pid: "grad_averager"}  # fmt: skip
         cpu_before = cpu_breakdown(roles=roles)
-        while opt.local_epoch < args.steps:
-            began, began_cpu = time.perf_counter(), time.thread_time()
-            loss = model(**next(batches)).loss
-            loss.backward()
-            computed = time.perf_counter()
-            compute_s += computed - began
-            compute_cpu_s += time.thread_time() - began_cpu
-            if not math.isfinite(float(loss.detach())) or not is_finite_gradient(model):
-                opt.zero_grad()
-                k += 1
-                continue
-            epoch, loads_before = opt.local_epoch, loads[0]
-            opt.step()
-            opt.zero_grad()
-            step_s += time.perf_counter() - computed
-            if loads[0] != loads_before:
-                pending = []  # local progress was discarded while catching up
-            else:
-                pending.append(k)
-                if opt.local_epoch > epoch:
-                    contributions[epoch] = pending
-                    pending = []
-                    result["steps"].append([time.time(), opt.local_epoch])
-            k += 1
+        _train(trainer, result)
         _phase(result, "trained")
-        result.update(
-            rounds=rounds,
-            state_loads=loads[0],
-            contributions=contributions,
-            micro_batches=k,
-            compute_s=compute_s,
-            compute_cpu_s=compute_cpu_s,
-            opt_step_s=step_s,
-            cpu_during_training=_cpu_used_since(cpu_before, roles),
-        )
+        result.update(cpu_during_training=_cpu_used_since(cpu_before, roles))
         # done before hivemind's shutdown, which takes up to ~10 s and measures nothing; the launcher stops the
         # worker's process group once every peer is done
-        finish()
+        finish(trainer.model)
     finally:
         with keep_request_futures(dht):  # as the peer does: no traceback from hivemind's goodbye store at exit
-            opt.shutdown()
+            if trainer is not None:
+                trainer.close()
             stop_dht(dht)
+        prepared.state_dir.close()
+
+
+def _train(trainer, result: dict) -> None:
+    """``trainer.step()`` until the trainer is finished, recording which micro-batches went into which global step
+    (``contributions``), when each step was reached, and where the time of each ``Trainer.step`` went: before its
+    ``SwarmOptimizer.step`` call (fetching the micro-batch, forward, backward, the finite-gradient check) and from it
+    on (accumulation, progress tracker, averaging, the optimizer itself, ``zero_grad``)."""
+    clock = _OptStepClock(trainer.opt)
+    contributions: dict[int, list[int]] = {}
+    pending: list[int] = []
+    k = 0  # micro-batch k of this peer's stream
+    compute_s = step_s = compute_cpu_s = 0.0  # wall time before/after opt.step, CPU time of the part before
+    while not trainer.finished:
+        epoch, loads, mini_steps = trainer.opt.local_epoch, trainer.state_loads, trainer.mini_steps
+        clock.reached = None
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        trainer.step()
+        ended, ended_cpu = time.perf_counter(), time.thread_time()
+        reached, reached_cpu = clock.reached or (ended, ended_cpu)  # a dropped (non-finite) batch never reaches it
+        compute_s += reached - began
+        compute_cpu_s += reached_cpu - began_cpu
+        step_s += ended - reached
+        if trainer.state_loads != loads:
+            pending = []  # local progress was discarded while catching up
+        elif trainer.mini_steps == mini_steps:
+            pass  # dropped before the optimizer: non-finite loss or gradients
+        else:
+            pending.append(k)
+            if trainer.opt.local_epoch > epoch:
+                contributions[epoch] = pending
+                pending = []
+                result["steps"].append([time.time(), trainer.opt.local_epoch])
+        k += 1
+    result.update(
+        rounds=trainer.round_log,
+        state_loads=trainer.state_loads,
+        contributions=contributions,
+        micro_batches=k,
+        compute_s=compute_s,
+        compute_cpu_s=compute_cpu_s,
+        opt_step_s=step_s,
+    )
+
+
+class _OptStepClock:
+    """The one timing seam inside ``Trainer.step``: notes the wall and thread CPU time at which the trainer calls its
+    optimizer's ``step`` (wraps that bound method on this optimizer instance; the step itself is unchanged)."""
+
+    def __init__(self, opt):
+        self.reached: tuple[float, float] | None = None
+        step = opt.step
+
+        def timed_step(*args, **kwargs):
+            self.reached = (time.perf_counter(), time.thread_time())
+            return step(*args, **kwargs)
+
+        opt.step = timed_step
+
+
+class _BenchTrainer(product_trainer.Trainer):
+    """The product's trainer; only its optimizer callbacks also record each round and count state loads (as the
+    equivalence test's worker does)."""
+
+    def __init__(self, *args, **kwargs):
+        self.round_log: list[list] = []  # [outcome, group size, seconds] per averaging round
+        self.state_loads = 0
+        super().__init__(*args, **kwargs)
+
+    def _on_round(self, outcome: str, group_size: int, seconds: float) -> None:
+        super()._on_round(outcome, group_size, seconds)
+        self.round_log.append([outcome, group_size, seconds])
+
+    def _on_state_loaded(self, seconds: float) -> None:
+        super()._on_state_loaded(seconds)
+        self.state_loads += 1
+
+
+@contextlib.contextmanager
+def _grad_compression(name: str | None):
+    """``--compression`` is a benchmark arm, not a product setting (every peer of a run must share it, and the
+    manifest has no field for it yet): while the trainer is built, its ``make_optimizer`` gets this compression."""
+    if name is None:
+        yield
+        return
+    compressed = partial(make_optimizer, grad_compression=grad_compression(name))
+    with mock.patch.object(product_trainer, "make_optimizer", compressed):
+        yield
 
 
 def _process_start_time() -> float:

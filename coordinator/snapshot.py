@@ -1,7 +1,8 @@
 """Download the swarm's current state as an observer, verify it, and evaluate it on held-out text.
 
 The coordinator holds a ``TrainingStateAverager`` with exactly the peers' parameter and optimizer structure (built by
-the same ``peer`` functions), in client mode and with state sharing off: it can download state, and it never serves
+the same ``peer`` functions; in ``--mode diloco`` the peers' outer state: θ_outer, outer momentum, outer step), in
+client mode and with state sharing off: it can download state, and it never serves
 its possibly stale copy to joining peers nor takes part in averaging rounds.
 """
 
@@ -19,6 +20,7 @@ from peer.data.batches import IGNORE_INDEX
 from peer.run.manifest import RunManifest
 from peer.run.model import build_model
 from peer.swarm import hivemind_compat
+from peer.swarm.diloco import OuterStateAverager, outer_optimizer, trained_parameters
 from peer.swarm.optim import optimizer_factory, param_groups, scheduler_factory
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,23 @@ class StateDownloader:
         self.manifest = manifest
         self.model = build_model(manifest.model, nsp=manifest.nsp, seed=manifest.init_seed)
         hivemind_compat.install()  # before the averager forks, as the peers do
+        if manifest.mode == "diloco":  # the outer state: θ_outer, the outer momentum and the outer step
+            names, params = trained_parameters(self.model)
+            self.averager = OuterStateAverager(
+                dht=dht,
+                prefix=f"{manifest.run_id}_outer",
+                params=list(params),
+                parameter_names=names,
+                optimizer=outer_optimizer(manifest.outer_lr, manifest.outer_momentum),
+                offload_optimizer=True,
+                custom_gradients=True,
+                client_mode=True,
+                allow_state_sharing=False,
+                min_matchmaking_time=1.0,
+                request_timeout=0.5,
+                start=True,
+            )
+            return
         self.averager = TrainingStateAverager(
             dht=dht,
             prefix=f"{manifest.run_id}_state_averager",

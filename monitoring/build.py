@@ -146,6 +146,21 @@ SWARM = Dashboard(
             "peers' implausible progress records ignored.",
         ),
         Panel(
+            "Averaging traffic (all scraped peers, estimated)",
+            (
+                Query(f"sum(rate({m.PEER_BYTES_SENT}_total[{RATE}]))", "sent"),
+                Query(f"sum(rate({m.PEER_BYTES_RECEIVED}_total[{RATE}]))", "received"),
+            ),
+            unit="Bps",
+            description="Gradients (sync mode) or pseudo-gradients (DiLoCo) exchanged, estimated from group sizes.",
+        ),
+        Panel(
+            "DiLoCo outer rounds (all scraped peers)",
+            _q(f"sum by (outcome) (increase({m.PEER_OUTER_ROUNDS}_total[{RATE}]))", "{{outcome}}"),
+            description="--mode diloco: success, solo, failed (stepped with the local pseudo-gradient) or reloaded "
+            "(the peer was behind and loaded the outer state). Zero in sync mode.",
+        ),
+        Panel(
             "Per-peer throughput (samples/s, busiest 50)",
             _q(f"sort_desc({m.SWARM_PEER_SAMPLES_PER_SECOND})", "{{peer}}"),
             kind="table",
@@ -188,6 +203,19 @@ MY_PEER = Dashboard(
             _q(f"sum by (reason) (increase({m.PEER_SKIPPED_BATCHES}_total{{{PEER}}}[{RATE}]))", "{{reason}}"),
         ),
         Panel("Defences against faulty peers", _defences(PEER)),
+        Panel("DiLoCo outer step", _q(f"{m.PEER_OUTER_STEP}{{{PEER}}}", "{{instance}}")),
+        Panel(
+            "DiLoCo outer rounds",
+            _q(f"sum by (outcome) (increase({m.PEER_OUTER_ROUNDS}_total{{{PEER}}}[{RATE}]))", "{{outcome}}"),
+        ),
+        Panel(
+            "Averaging traffic (estimated)",
+            (
+                Query(f"rate({m.PEER_BYTES_SENT}_total{{{PEER}}}[{RATE}])", "sent"),
+                Query(f"rate({m.PEER_BYTES_RECEIVED}_total{{{PEER}}}[{RATE}])", "received"),
+            ),
+            unit="Bps",
+        ),
     ),
 )
 

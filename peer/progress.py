@@ -17,20 +17,17 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Snapshot:
     epoch: int
-    samples_accumulated: int  # swarm-wide, toward the next optimizer step
-    target_batch_size: int
+    round_text: str  # the mode's progress toward the next step, e.g. "96/192 samples, next step in 4s"
     peers: int
-    eta_seconds: float
     loss: float
     samples_per_second: float
     samples_total: int
     learning_rate: float
 
     def line(self) -> str:
-        eta = f"{self.eta_seconds:.0f}s" if self.eta_seconds < 86_400 else "?"  # hivemind says ~1e21 s when unsure
         loss = f"{self.loss:.3f}" if math.isfinite(self.loss) else "n/a"
         return (
-            f"step {self.epoch} | {self.samples_accumulated}/{self.target_batch_size} samples, next step in {eta} | "
+            f"step {self.epoch} | {self.round_text} | "
             f"{self.peers} peer{'s' if self.peers != 1 else ''} | loss {loss} | {self.samples_per_second:.1f} "
             f"samples/s | lr {self.learning_rate:.2e}"
         )

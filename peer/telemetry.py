@@ -41,12 +41,19 @@ CHECKPOINT_AGE = "bertswarm_checkpoint_age_seconds"
 CHECKPOINT_WRITE_SECONDS = "bertswarm_checkpoint_write_seconds"
 CHECKPOINTS = "bertswarm_checkpoints"  # counter with label outcome
 
-# defences against faulty or lying peers (peer/guards.py)
+# defences against faulty or lying peers (peer/swarm/guards.py)
 PEER_REJECTED_CONTRIBUTIONS = "bertswarm_peer_rejected_contributions"  # counter: groupmates' non-finite parts dropped
 PEER_SKIPPED_STEPS = "bertswarm_peer_skipped_steps"  # counter with label reason: optimizer steps not applied
 PEER_IGNORED_PROGRESS_RECORDS = "bertswarm_peer_ignored_progress_records"  # counter: implausible progress records
 
+# DiLoCo mode (peer/swarm/diloco.py): outer rounds, and traffic estimates in both modes
+PEER_OUTER_STEP = "bertswarm_peer_outer_step"
+PEER_OUTER_ROUNDS = "bertswarm_peer_outer_rounds"  # counter with label outcome
+PEER_BYTES_SENT = "bertswarm_peer_bytes_sent"  # counter: averaging traffic (estimated: hivemind counts none)
+PEER_BYTES_RECEIVED = "bertswarm_peer_bytes_received"  # counter
+
 ROUND_OUTCOMES = ("success", "failed", "solo")
+OUTER_ROUND_OUTCOMES = ("success", "failed", "solo", "reloaded")
 SKIP_REASONS = ("nonfinite",)
 
 
@@ -87,6 +94,19 @@ class PeerTelemetry:
         self.ignored_progress_records = Counter(
             PEER_IGNORED_PROGRESS_RECORDS, "Other peers' training-progress records ignored as implausible", registry=r
         )
+        self.outer_step = Gauge(PEER_OUTER_STEP, "DiLoCo: outer step this peer holds (0 in sync mode)", registry=r)
+        self.outer_rounds = Counter(
+            PEER_OUTER_ROUNDS, "DiLoCo outer rounds by outcome (reloaded: this peer was behind and loaded the state)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.bytes_sent = Counter(
+            PEER_BYTES_SENT, "Bytes this peer sent in averaging rounds (estimated from the group size)", registry=r
+        )
+        self.bytes_received = Counter(
+            PEER_BYTES_RECEIVED, "Bytes this peer received in averaging rounds (estimated)", registry=r
+        )
+        for outcome in OUTER_ROUND_OUTCOMES:
+            self.outer_rounds.labels(outcome)
         self.skipped_steps.labels("nonfinite")
         for outcome in ROUND_OUTCOMES:
             self.rounds.labels(outcome)

@@ -21,7 +21,6 @@ from functools import partial
 
 import hivemind
 import torch
-from hivemind.utils import get_dht_time
 
 from peer import hooks, join
 from peer.config import PeerConfig
@@ -35,12 +34,14 @@ from peer.run.model import build_model, count_parameters
 from peer.run.presets import PRESETS
 from peer.store.errors import CheckpointError, StateError
 from peer.store.load import load_checkpoint, verify_run
-from peer.store.state import StateDir
+from peer.store.state import SavedState, StateDir
 from peer.swarm import dht as swarm
 from peer.swarm import guards, hivemind_compat, records
+from peer.swarm.diloco import RoundReport
+from peer.swarm.diloco_optim import DiLoCoOptimizer
 from peer.swarm.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
 from peer.swarm.records import MetricsPublisher
-from peer.telemetry import ROUND_OUTCOMES, PeerTelemetry
+from peer.telemetry import OUTER_ROUND_OUTCOMES, ROUND_OUTCOMES, PeerTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -160,27 +161,7 @@ class Trainer:
             "model: %s preset, %.2fM parameters on %s", run.preset, count_parameters(self.model) / 1e6, self.device
         )
 
-        self.opt: SwarmOptimizer = make_optimizer(
-            self.model,
-            run,
-            dht,
-            batch_size=self.batch_size,
-            matchmaking_time=cfg.matchmaking_time,
-            averaging_timeout=cfg.averaging_timeout,
-            on_round=self._on_round,
-            on_state_loaded=self._on_state_loaded,
-        )
-        if saved is not None:
-            state = {
-                "state": dict(saved.optimizer, local_epoch=saved.epoch),
-                "param_groups": self.opt.state_dict()["param_groups"],
-            }
-            self.opt.load_state_dict(state)
-            hivemind_compat.sync_lr_schedule(self.opt.state_averager)  # LR to the resumed epoch (hivemind: lazily)
-            logger.info("resumed local state at step %d from %s", saved.epoch, self.state_dir.state_file)
-        elif init_epoch is not None:
-            self.opt.state_averager.local_epoch = init_epoch  # the LR schedule continues from the checkpoint's step
-            hivemind_compat.sync_lr_schedule(self.opt.state_averager)
+        self.opt = self._make_optimizer(saved, init_epoch)
 
         self.batches = (
             batches
@@ -203,21 +184,40 @@ class Trainer:
         self.start_epoch = self.opt.local_epoch
         self._last_report = self._last_save = self._last_publish = time.monotonic()
 
+    def _make_optimizer(self, saved: SavedState | None, init_epoch: int | None) -> SwarmOptimizer | DiLoCoOptimizer:
+        """The run's mode: ``sync`` (gradients averaged every global step) or ``diloco`` (outer rounds every
+        ``inner_steps`` local steps); either resumes the saved state or continues from ``--init-from``'s step."""
+        cfg, run = self.cfg, self.run
+        if run.mode == "diloco":
+            opt = DiLoCoOptimizer(self.model, run, self.dht, matchmaking_time=cfg.matchmaking_time,
+                                  averaging_timeout=cfg.averaging_timeout, on_round=self._on_outer_round,
+                                  on_state_loaded=self._on_state_loaded)  # fmt: skip
+            if saved is not None:
+                opt.load_state_dict({"state": saved.optimizer, "param_groups": opt.opt.state_dict()["param_groups"]},
+                                    epoch=saved.epoch)  # fmt: skip
+            elif init_epoch is not None:
+                opt.start_at(init_epoch)
+        else:
+            opt = make_optimizer(self.model, run, self.dht, batch_size=self.batch_size,
+                                 matchmaking_time=cfg.matchmaking_time, averaging_timeout=cfg.averaging_timeout,
+                                 on_round=self._on_round, on_state_loaded=self._on_state_loaded)  # fmt: skip
+            if saved is not None:
+                state = {"state": dict(saved.optimizer, local_epoch=saved.epoch),
+                         "param_groups": opt.state_dict()["param_groups"]}  # fmt: skip
+                opt.load_state_dict(state)
+                hivemind_compat.sync_lr_schedule(opt.state_averager)  # LR to the resumed epoch (hivemind: lazily)
+            elif init_epoch is not None:
+                opt.state_averager.local_epoch = init_epoch  # the LR schedule continues from the checkpoint's step
+                hivemind_compat.sync_lr_schedule(opt.state_averager)
+        if saved is not None:
+            logger.info("resumed local state at step %d from %s", saved.epoch, self.state_dir.state_file)
+        return opt
+
     # --- the steps -------------------------------------------------------------------------------------------------
 
     def sync_with_swarm(self, timeout: float) -> None:
         """Before contributing, a peer behind the swarm downloads the current state from its peers."""
-        deadline = time.monotonic() + timeout
-        tracker = self.opt.tracker
-        while not tracker.fetched_global_progress_this_epoch.is_set() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if tracker.global_epoch > self.opt.local_epoch:
-            logger.info(
-                "swarm is at step %d, this peer at %d: loading state from peers",
-                tracker.global_epoch,
-                self.opt.local_epoch,
-            )
-            self.opt.load_state_from_peers()
+        self.opt.catch_up(timeout)
         self.start_epoch = self.opt.local_epoch
         self.telemetry.epoch.set(self.opt.local_epoch)
 
@@ -271,25 +271,23 @@ class Trainer:
         if not force and now - self._last_report < self.cfg.log_every:
             return
         self._last_report = now
-        progress = self.opt.tracker.global_progress
+        progress = self.opt.progress()
         snapshot = Snapshot(
             epoch=self.opt.local_epoch,
-            samples_accumulated=progress.samples_accumulated,
-            target_batch_size=self.run.target_batch_size,
-            peers=progress.num_peers,
-            eta_seconds=max(0.0, progress.eta_next_epoch - get_dht_time()),
+            round_text=progress.text,
+            peers=progress.peers,
             loss=self.window.mean_loss,
             samples_per_second=self.window.samples_per_second,
             samples_total=self.samples_total,
-            learning_rate=self.opt.opt.param_groups[0]["lr"],
+            learning_rate=self.opt.learning_rate,
         )
         self.display.show(snapshot)
         t = self.telemetry
-        t.swarm_size.set(progress.num_peers)
+        t.swarm_size.set(progress.peers)
         t.samples_per_second.set(snapshot.samples_per_second)
         t.learning_rate.set(snapshot.learning_rate)
         t.sync_guard_totals(rejected=guards.rejected_contributions(), skipped_steps=self.opt.skipped_nonfinite_steps,
-                            ignored_records=self.opt.tracker.dropped_records)  # fmt: skip
+                            ignored_records=self.opt.ignored_progress_records)  # fmt: skip
         if math.isfinite(snapshot.loss):
             t.loss.set(snapshot.loss)
             self.publisher.publish(
@@ -316,6 +314,7 @@ class Trainer:
             epoch=self.opt.local_epoch,
             samples=self.samples_total,
             fingerprint=self.run.fingerprint,
+            parameters=self.opt.model_state_for_save(),
         )
         logger.info("saved local state at step %d in %.2fs", self.opt.local_epoch, time.perf_counter() - started)
 
@@ -325,7 +324,11 @@ class Trainer:
             self.opt.local_epoch,
             self.mini_steps * self.batch_size,
             self.samples_total,
-            ", ".join(f"{outcome}={self.rounds[outcome]}" for outcome in ROUND_OUTCOMES),
+            ", ".join(
+                f"{outcome}={self.rounds[outcome]}"
+                for outcome in OUTER_ROUND_OUTCOMES
+                if outcome in self.rounds or outcome in ROUND_OUTCOMES
+            ),  # fmt: skip
         )
         self.publisher.close()
         self.opt.shutdown()
@@ -338,6 +341,25 @@ class Trainer:
         if outcome == "success":
             self.telemetry.group_size.set(group_size)
             self.telemetry.round_duration.observe(seconds)
+            # a butterfly all-reduce sends and receives 2(n-1)/n of the (uncompressed fp32) gradient; an estimate,
+            # hivemind counts no traffic
+            moved = int(2 * (group_size - 1) / group_size * 4 * count_parameters(self.model))
+            self.telemetry.bytes_sent.inc(moved)
+            self.telemetry.bytes_received.inc(moved)
+
+    def _on_outer_round(self, report: RoundReport) -> None:
+        self.rounds[report.outcome] += 1
+        t = self.telemetry
+        t.outer_rounds.labels(report.outcome).inc()
+        t.outer_step.set(self.opt.local_epoch)
+        t.epoch.set(self.opt.local_epoch)
+        t.bytes_sent.inc(report.bytes_sent)
+        t.bytes_received.inc(report.bytes_received)
+        if report.outcome == "success":
+            t.group_size.set(report.group_size)
+            t.round_duration.observe(report.seconds)
+        if report.outcome in ("success", "solo", "failed"):
+            t.rounds.labels(report.outcome).inc()
 
     def _on_state_loaded(self, seconds: float) -> None:
         self.telemetry.state_downloads.inc()

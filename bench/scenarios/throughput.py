@@ -108,8 +108,10 @@ def run(workdir, reps: int, quick: bool) -> dict:
         f"tiny preset ({cfg['seq_len']} tokens, micro-batch {cfg['batch']}), global batch {target} in every arm; "
         f"{cfg['steps']} global steps per arm, rate measured from step 1 to the last (start-up and step 0 excluded).",
         "Swarm samples/s counts the global batch per step (samples a peer adds beyond the target are not counted).",
-        "Forward/backward time per micro-batch: wall time of fetching a micro-batch, forward and backward, averaged "
-        "over a process's micro-batches (DDP: the no_sync ones; single: 2 intra-op threads, the others 1). "
+        "Swarm peers are the product's `Trainer`, stepped with `Trainer.step`. Forward/backward time per micro-batch: "
+        "wall time of fetching a micro-batch, forward and backward (swarm: `Trainer.step` up to its optimizer call, "
+        "so also the finite-gradient check), averaged over a process's micro-batches (DDP: the no_sync ones; single: "
+        "2 intra-op threads, the others 1). "
         "Overshoot: micro-batches that entered steps 1.. ÷ (global batch ÷ micro-batch).",
         "Helper CPU (from /proc, during the training loop, per process and averaged over peers/ranks): a swarm peer's "
         "DHT process, gradient and state averager processes, p2pd and background threads; a DDP rank's gloo and "

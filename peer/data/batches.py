@@ -11,7 +11,7 @@ the text that follows A (``next_sentence_label`` 0), otherwise text from another
 too long for the row lose tokens at the start of A and at the end of B, so a true pair stays contiguous.
 
 Determinism. Given the same documents, tokenizer and ``seed``, a :class:`BatchStream` yields identical batches on
-every run. Each pass over the data (epoch) reorders the documents with :func:`peer.corpus.shard_order` under a seed
+every run. Each pass over the data (epoch) reorders the documents with :func:`peer.data.corpus.shard_order` under a seed
 mixed from ``seed`` and the epoch, and masking draws from one ``torch.Generator`` seeded with ``seed``, so every
 epoch is masked afresh (dynamic masking). Peers should pass different seeds so that they do not train in lock-step.
 

@@ -6,6 +6,7 @@ Keys (``{run}`` is the run id):
 - ``{run}_manifest``: the run manifest as canonical JSON (see ``manifest.py``).
 - ``{run}_metrics``: subkey = a peer's RSA public key (signed), value = ``PeerMetrics``; only its owner can write it.
 - ``{run}_checkpoints``: subkey = a coordinator's RSA public key (signed), value = ``CheckpointRecord``.
+- ``{run}_diloco``: subkey = a peer's id, value = ``DiLoCoProgress`` (``--mode diloco`` only).
 
 hivemind itself owns ``{run}_progress``, ``{run}_grad_averager*`` and ``{run}_state_averager*``.
 Numeric fields are strict and bounded so that a lying peer cannot push absurd values through the DHT. The DHT-side
@@ -47,6 +48,15 @@ class PeerMetrics(pydantic.BaseModel):
     mini_steps: pydantic.conint(ge=0, le=10**9, strict=True)
     time: pydantic.StrictFloat
     client_mode: pydantic.StrictBool
+
+
+class DiLoCoProgress(pydantic.BaseModel):
+    """A DiLoCo peer's place in the outer rounds (``peer.swarm.diloco``), under ``{run}_diloco`` / its peer id."""
+
+    round: pydantic.conint(ge=0, le=10**9, strict=True)  # the outer round it takes part in next (or now, if ready)
+    ready: pydantic.StrictBool  # at the boundary, waiting for its groupmates
+    step: pydantic.conint(ge=0, le=10**6, strict=True)  # inner steps done in this round
+    time: pydantic.StrictFloat
 
 
 class CheckpointRecord(pydantic.BaseModel):

@@ -81,8 +81,20 @@ class StateDir:
                 optimizer.setdefault(int(index), {})[name] = value
         return SavedState(model, optimizer, epoch, samples, saved_fp)
 
-    def save(self, model: torch.nn.Module, optimizer_state: dict, *, epoch: int, samples: int, fingerprint: str):
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unique_state(model).items()}
+    def save(
+        self,
+        model: torch.nn.Module,
+        optimizer_state: dict,
+        *,
+        epoch: int,
+        samples: int,
+        fingerprint: str,
+        parameters: dict[str, torch.Tensor] | None = None,
+    ):
+        """Save the model (``parameters``, by name, replace the model's own: DiLoCo saves its outer parameters), the
+        optimizer's per-parameter tensors, and the step and sample counts, stamped with the run's fingerprint."""
+        state = dict(unique_state(model), **(parameters or {}))
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         for index, entries in optimizer_state.items():
             if not isinstance(entries, dict):
                 continue  # hivemind adds scalars such as local_epoch next to the per-parameter entries

@@ -228,7 +228,7 @@ class DiLoCo:
         self._on_round = on_round or (lambda report: None)
         self._on_state_loaded = on_state_loaded or (lambda epoch, seconds: None)
 
-        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+        names, params = trained_parameters(model)
         self._local = list(params)
         self.numel = sum(p.numel() for p in self._local)
         compression_impl = PSEUDOGRAD_COMPRESSION[compression]()
@@ -250,9 +250,7 @@ class DiLoCo:
             prefix=f"{run_id}_outer",
             params=self._local,
             parameter_names=names,
-            optimizer=partial(
-                torch.optim.SGD, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov and outer_momentum > 0
-            ),
+            optimizer=outer_optimizer(outer_lr, outer_momentum, nesterov),
             offload_optimizer=True,
             custom_gradients=True,
             average_opt_statistics=opt_stats,
@@ -355,6 +353,24 @@ class DiLoCo:
             momentum = [self.state.optimizer.state[p].get("momentum_buffer") for p in self._outer]
             momentum = [m.detach().clone() if m is not None else None for m in momentum]
             return params, momentum, self.state.local_epoch
+
+    @torch.no_grad()
+    def restore(self, momentum: list[torch.Tensor | None] | None, epoch: int) -> None:
+        """Resume from saved state: θ_outer ← the model's current parameters (θ_local), the outer momentum buffers
+        (None: keep zeros) and the outer epoch. Call before the first inner step."""
+        with self.state.lock_averaged_tensors:
+            for outer, local in zip(self._outer, self._local, strict=True):
+                outer.copy_(local.detach().to(device="cpu", dtype=torch.float32))
+            for buffer, saved in zip(self._momentum, momentum or [None] * len(self._momentum), strict=True):
+                if buffer is not None and saved is not None:
+                    buffer.copy_(saved)
+            self.state.local_epoch = epoch
+        if self._ref is not None:
+            for ref, outer in zip(self._ref, self._outer, strict=True):
+                ref.copy_(outer)
+        self.inner_step = 0
+        self._after_epoch_change()
+        self._publish(wait=False)
 
     def flush(self) -> RoundReport | None:
         """Overlap: wait for the round in flight, apply its outer step and set θ_local ← θ_outer (local progress
@@ -657,6 +673,17 @@ class DiLoCo:
                 self._publish(wait=False)
             except Exception as e:  # the DHT may be shutting down
                 logger.debug("progress heartbeat failed: %r", e)
+
+
+def outer_optimizer(outer_lr: float, outer_momentum: float, nesterov: bool = True):
+    """The outer optimizer of every peer (and of the coordinator's state downloader: the structures must match)."""
+    return partial(torch.optim.SGD, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov and outer_momentum > 0)
+
+
+def trained_parameters(model: torch.nn.Module) -> tuple[tuple[str, ...], tuple[torch.nn.Parameter, ...]]:
+    """(names, parameters) of what the outer state holds, in order (tied weights once, as ``named_parameters``)."""
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+    return names, params
 
 
 def _epoch_bits(epoch: int) -> str:

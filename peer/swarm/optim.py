@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 
 import hivemind
@@ -25,6 +26,7 @@ import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.utils import get_dht_time
 
 from peer.run.manifest import RunManifest
 from peer.swarm import guards, hivemind_compat
@@ -49,7 +51,7 @@ def grad_compression(name: str) -> CompressionBase:
 class ClippingMixin:
     """Clip the global L2 norm of the gradients the optimizer is about to apply (i.e. the swarm-averaged ones), and
     never apply a non-finite one: the step is skipped and ``on_nonfinite`` is called (the last line of defence after
-    the sender's own check and the finite-only reducer in ``peer.guards``)."""
+    the sender's own check and the finite-only reducer in ``peer.swarm.guards``)."""
 
     max_grad_norm: float = 0.0
     on_nonfinite = None
@@ -163,6 +165,14 @@ def scheduler_factory(manifest: RunManifest):
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(manifest))
 
 
+@dataclass
+class SwarmProgress:
+    """What the status line shows of the swarm: how many training peers, and the mode's round progress as text."""
+
+    peers: int
+    text: str
+
+
 class SwarmOptimizer(hivemind_compat.HookedOptimizer):
     """``hivemind.Optimizer`` that reports the outcome and duration of each gradient averaging round, reads the swarm's
     progress through ``guards.BoundedProgressTracker`` and averages finite contributions only.
@@ -191,6 +201,38 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
 
     def _count_nonfinite_step(self) -> None:
         self.skipped_nonfinite_steps += 1
+
+    # --- what the trainer uses in both modes (see peer.swarm.diloco_optim.DiLoCoOptimizer) ---------------------------
+
+    @property
+    def learning_rate(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    @property
+    def ignored_progress_records(self) -> int:
+        return self.tracker.dropped_records
+
+    def catch_up(self, timeout: float) -> bool:
+        """Before contributing, a peer behind the swarm downloads the current state from its peers."""
+        deadline = time.monotonic() + timeout
+        while not self.tracker.fetched_global_progress_this_epoch.is_set() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.tracker.global_epoch <= self.local_epoch:
+            return False
+        logger.info("swarm is at step %d, this peer at %d: loading state from peers", self.tracker.global_epoch,
+                    self.local_epoch)  # fmt: skip
+        self.load_state_from_peers()
+        return True
+
+    def progress(self) -> SwarmProgress:
+        progress = self.tracker.global_progress
+        eta = max(0.0, progress.eta_next_epoch - get_dht_time())
+        eta_text = f"{eta:.0f}s" if eta < 86_400 else "?"  # hivemind says ~1e21 s when unsure
+        text = f"{progress.samples_accumulated}/{self.tracker.target_batch_size} samples, next step in {eta_text}"
+        return SwarmProgress(peers=progress.num_peers, text=text)
+
+    def model_state_for_save(self) -> None:
+        return None  # the model's own parameters are the state to save
 
     def cancel_matchmaking(self) -> bool:
         """Abandon averaging rounds still looking for a group, so a leaving peer is not held for the averaging

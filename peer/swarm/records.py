@@ -19,7 +19,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from peer.run import schema
 from peer.run.manifest import RunManifest
-from peer.run.schema import MAX_MANIFEST_BYTES, CheckpointRecord, PeerMetrics
+from peer.run.schema import MAX_MANIFEST_BYTES, CheckpointRecord, DiLoCoProgress, PeerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class RunRecords(pydantic.BaseModel):
     manifest: pydantic.constr(strict=True, max_length=MAX_MANIFEST_BYTES)
     metrics: dict[BytesWithPublicKey, PeerMetrics]
     checkpoints: dict[BytesWithPublicKey, CheckpointRecord]
+    diloco: dict[pydantic.StrictBytes, DiLoCoProgress]
 
 
 class RunsRegistry(pydantic.BaseModel):

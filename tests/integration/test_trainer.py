@@ -86,8 +86,8 @@ def test_metrics_endpoint_and_signed_dht_record(solo_trainer):
 
 
 def test_status_line_on_a_terminal_and_log_lines_elsewhere(caplog):
-    snap = Snapshot(epoch=7, samples_accumulated=96, target_batch_size=192, peers=3, eta_seconds=4.2, loss=6.5,
-                    samples_per_second=41.0, samples_total=1000, learning_rate=1e-3)  # fmt: skip
+    snap = Snapshot(epoch=7, round_text="96/192 samples, next step in 4s", peers=3, loss=6.5, samples_per_second=41.0,
+                    samples_total=1000, learning_rate=1e-3)  # fmt: skip
 
     class Tty(io.StringIO):
         def isatty(self):

@@ -2,11 +2,12 @@
 replay of a swarm's micro-batches, and one real (tiny) single-process arm. No timed assertions."""
 
 import math
+import time
 
 import pytest
 import torch
 
-from bench import arms, averaging, report, workload
+from bench import arms, averaging, report, train_worker, workload
 from bench.common import summarize
 from bench.train_worker import _Indexed
 
@@ -92,6 +93,60 @@ def test_throughput_diagnostics_from_worker_records():
         {"cpu_during_training": {"main_thread_s": 4.0, "other_threads_s": 0.0, "children_total_s": 2.0}},
     ]
     assert throughput._cpu_beside_training(cpu) == pytest.approx((1.0 + 0.5) / 2)
+
+
+class _FakeOptimizer:
+    """Stands in for ``SwarmOptimizer``: every 3rd accepted micro-batch completes a global step."""
+
+    def __init__(self):
+        self.local_epoch, self.accumulated = 0, 0
+
+    def step(self):
+        self.accumulated += 1
+        if self.accumulated == 3:
+            self.local_epoch, self.accumulated = self.local_epoch + 1, 0
+
+
+class _FakeTrainer:
+    """The attributes of ``peer.trainer.Trainer`` (and the bench's subclass) that ``train_worker._train`` reads; its
+    ``step`` has the trainer's shape (compute, drop non-finite batches, ``opt.step``) without a model or a swarm."""
+
+    def __init__(self, steps, nonfinite=(), load_at=None):
+        self.opt, self.steps, self.nonfinite, self.load_at = _FakeOptimizer(), steps, set(nonfinite), load_at
+        self.mini_steps = self.state_loads = self.k = 0
+        self.round_log = [["success", 2, 0.1]]
+
+    @property
+    def finished(self):
+        return self.opt.local_epoch >= self.steps
+
+    def step(self):
+        k, self.k = self.k, self.k + 1
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.002:  # "forward/backward"
+            pass
+        if k in self.nonfinite:
+            return
+        if k == self.load_at:  # in opt.step, the peer catches up with the swarm and its local progress is discarded
+            self.state_loads += 1
+            self.opt.local_epoch, self.opt.accumulated = self.opt.local_epoch + 1, 0
+        else:
+            self.opt.step()
+        self.mini_steps += 1
+
+
+def test_swarm_arm_drives_the_products_trainer_step_and_records_contributions():
+    from peer.trainer import Trainer
+
+    assert issubclass(train_worker._BenchTrainer, Trainer)
+    assert "step" not in vars(train_worker._BenchTrainer)  # the measured step is the product's own
+    trainer, result = _FakeTrainer(steps=3, nonfinite={1}, load_at=5), {"steps": []}
+    train_worker._train(trainer, result)
+    # k=1 dropped (non-finite); k=5 was a state load (pending 4 discarded); every 3rd accepted batch ends a step
+    assert result["contributions"] == {0: [0, 2, 3], 2: [6, 7, 8]}
+    assert [epoch for _, epoch in result["steps"]] == [1, 3]
+    assert result["micro_batches"] == 9 and result["state_loads"] == 1 and result["rounds"] == trainer.round_log
+    assert result["compute_s"] >= 9 * 0.002 and result["compute_cpu_s"] > 0 and result["opt_step_s"] >= 0
 
 
 SPIN_THEN_WAIT = (

@@ -51,3 +51,8 @@ def test_peer_layers_import_only_downward(path):
             assert name == "peer.hooks", f"{name} imports the test hooks {imported}; only peer.hooks may"
             continue
         assert layer_of(imported) <= own, f"{name} (layer {LAYERS[own]}) imports {imported} from a higher layer"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "coordinator").rglob("*.py")), ids=lambda p: p.name)
+def test_the_coordinator_never_imports_the_test_hooks(path):
+    assert not [name for name in imports(path) if name.startswith("peer.testing")]

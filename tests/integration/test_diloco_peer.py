@@ -1,0 +1,75 @@
+"""``bertswarm-peer --mode diloco`` end to end: real peer processes, the coordinator's checkpoints of the outer
+parameters, the status line and metrics, and a joiner whose explicit flags contradict the run's mode."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from safetensors.torch import load_file
+
+from .conftest import max_abs_diff, saved_state
+
+pytestmark = pytest.mark.swarm
+
+DILOCO = ["--mode", "diloco", "--inner-steps", "16", "--outer-lr", "0.7", "--outer-momentum", "0.9"]
+FINAL_STEP = 6  # outer steps: the joiner arrives after one or two, then both train together
+
+
+def get_json(swarm, peer, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{swarm.ports[peer.name]}{path}", timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.timeout(300)
+def test_two_diloco_peers_agree_and_the_coordinator_checkpoints_the_outer_parameters(swarm, tmp_path):
+    a = swarm.start("a", *DILOCO, "--max-steps", str(FINAL_STEP))
+    a.wait_for_join_address(60)
+    b = swarm.start("b", "--max-steps", str(FINAL_STEP), join=a)  # adopts the run's mode from the manifest
+    ckpt = tmp_path / "ckpt"
+    coord = swarm.start_coordinator("coord", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--tick", "1",
+                                    "--eval-batches", "2", join=a)  # fmt: skip
+    success = 'outcome="success"'
+    swarm.wait_until(
+        "an outer round averaged by both peers",
+        lambda: min(swarm.metric(p, "bertswarm_peer_outer_rounds_total", success) for p in (a, b)) >= 1,
+        timeout=200,
+    )
+    assert swarm.metric(b, "bertswarm_peer_bytes_sent_total") > 0
+    assert swarm.metric(b, "bertswarm_peer_bytes_received_total") > 0
+    swarm.wait_until("a checkpoint", lambda: get_json(swarm, coord, "/status")["last_checkpoint"] is not None, 150)
+    for peer in (a, b):
+        assert peer.wait(timeout=200) == 0, peer.log_tail()
+
+    states = [saved_state(peer) for peer in (a, b)]
+    assert [epoch for _, epoch in states] == [FINAL_STEP] * 2
+    diff = max_abs_diff(states[0][0], states[1][0])
+    print(f"max |outer_a - outer_b| = {diff:.2e}")
+    assert diff <= 1e-5  # both hold the same outer parameters after a successful last round
+
+    # the coordinator's checkpoints hold outer parameters of the run: the last one equals the peers' final ones when
+    # it is of the final step, and is a loadable HF checkpoint in any case
+    listing = get_json(swarm, coord, "/checkpoints")
+    assert listing and all(1 <= entry["epoch"] <= FINAL_STEP for entry in listing)
+    newest = ckpt / listing[0]["name"]
+    weights = load_file(str(newest / "model.safetensors"))
+    if listing[0]["epoch"] == FINAL_STEP:
+        common = {k: v for k, v in states[0][0].items() if k in weights}
+        assert max_abs_diff(common, {k: weights[k] for k in common}) <= 1e-5
+
+    for peer in (a, b):
+        log = peer.log_path.read_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert "inner " in log and "last round" in log  # the status line shows the DiLoCo round
+
+
+@pytest.mark.timeout(180)
+def test_a_joiner_asking_for_another_mode_is_refused_with_the_diff(swarm):
+    a = swarm.start("a", *DILOCO)
+    a.wait_for_join_address(60)
+    b = swarm.start("b", "--mode", "sync", join=a)
+    assert b.wait(timeout=120) == 2
+    log = b.log_path.read_text()
+    assert "mode (from --mode): run has 'diloco', you asked for 'sync'" in log, log[-2000:]
+    assert "Traceback" not in log
