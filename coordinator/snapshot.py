@@ -31,37 +31,28 @@ class StateDownloader:
         self.manifest = manifest
         self.model = build_model(manifest.model, nsp=manifest.nsp, seed=manifest.init_seed)
         hivemind_compat.install()  # before the averager forks, as the peers do
+        # an observer: downloads state, never serves its possibly stale copy, never joins an averaging round
+        observer = dict(
+            dht=dht, offload_optimizer=True, custom_gradients=True, client_mode=True, allow_state_sharing=False,
+            min_matchmaking_time=1.0, request_timeout=0.5, start=True,
+        )  # fmt: skip
         if manifest.mode == "diloco":  # the outer state: θ_outer, the outer momentum and the outer step
             names, params = trained_parameters(self.model)
             self.averager = OuterStateAverager(
-                dht=dht,
                 prefix=f"{manifest.run_id}_outer",
                 params=list(params),
                 parameter_names=names,
                 optimizer=outer_optimizer(manifest.outer_lr, manifest.outer_momentum),
-                offload_optimizer=True,
-                custom_gradients=True,
-                client_mode=True,
-                allow_state_sharing=False,
-                min_matchmaking_time=1.0,
-                request_timeout=0.5,
-                start=True,
+                **observer,
             )
-            return
-        self.averager = TrainingStateAverager(
-            dht=dht,
-            prefix=f"{manifest.run_id}_state_averager",
-            optimizer=optimizer_factory(manifest),
-            params=param_groups(self.model, manifest.weight_decay),
-            scheduler=scheduler_factory(manifest),
-            offload_optimizer=True,
-            custom_gradients=True,
-            client_mode=True,
-            allow_state_sharing=False,
-            min_matchmaking_time=1.0,
-            request_timeout=0.5,
-            start=True,
-        )
+        else:
+            self.averager = TrainingStateAverager(
+                prefix=f"{manifest.run_id}_state_averager",
+                optimizer=optimizer_factory(manifest),
+                params=param_groups(self.model, manifest.weight_decay),
+                scheduler=scheduler_factory(manifest),
+                **observer,
+            )
 
     def download(self, timeout: float) -> int | None:
         """Load the newest state a peer offers; the global step it belongs to, or None if no peer answered."""
