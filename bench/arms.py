@@ -21,11 +21,18 @@ def _common(cfg: dict) -> list[str]:
         "matchmaking_time",
         "averaging_timeout",
         "compression",
+        "train_mode",
+        "inner_steps",
+        "outer_compression",
+        "outer_lr",
+        "outer_momentum",
     ):
         if cfg.get(key) is not None:
             out += [f"--{key.replace('_', '-')}", str(cfg[key])]
     if cfg.get("eval"):
         out.append("--eval")
+    if cfg.get("outer_overlap"):
+        out.append("--outer-overlap")
     return out
 
 
@@ -144,3 +151,22 @@ def samples_per_second(records: list[dict], target: int, first: int = 1) -> floa
     """Useful samples/s: global steps/s × the global batch (samples a peer adds beyond the target are not counted)."""
     rate, _ = steps_per_second(records, first)
     return rate * target
+
+
+def diloco_samples_per_second(records: list[dict], batch: int) -> float:
+    """Samples/s of a diloco swarm: each peer records the wall time at the end of every inner step (``inner_times``;
+    the last one includes the final outer round). Like ``steps_per_second`` the first inner step is left out: the
+    peers' inner steps after their first, times ``batch``, over the time from the earliest first step to the latest
+    end."""
+    times = [r["inner_times"] for r in records if len(r.get("inner_times") or []) > 1]
+    if len(times) != len(records) or not times:
+        return float("nan")
+    span = max(t[-1] for t in times) - min(t[0] for t in times)
+    return sum(len(t) - 1 for t in times) * batch / span if span > 0 else float("nan")
+
+
+def compute_utilisation(record: dict) -> float:
+    """Forward/backward time ÷ wall time of the training loop (from all peers ready to trained) of one peer."""
+    phases = record.get("phases") or {}
+    wall = phases.get("trained", 0.0) - phases.get("peers_ready", 0.0)
+    return record["compute_s"] / wall if wall > 0 and record.get("compute_s") is not None else float("nan")

@@ -216,3 +216,14 @@ def cpu_breakdown(pid: int | None = None, roles: dict[int, str] | None = None) -
             name = roles.get(child) or Path(f"/proc/{child}/comm").read_text().strip()
             out["children_s"][f"{name}-{child}"] = _cpu_seconds(Path(f"/proc/{child}/stat"))
     return out
+
+
+def net_tx_bytes(root: Path = Path("/sys/class/net")) -> int:
+    """Bytes sent so far on this network namespace's interfaces other than loopback (``tx_bytes`` from sysfs; inside
+    ``ip netns exec NS`` that is the namespace's own veth end: exact traffic of whatever runs there)."""
+    total = 0
+    for dev in root.iterdir() if root.exists() else ():
+        if dev.name != "lo":
+            with contextlib.suppress(OSError, ValueError):
+                total += int((dev / "statistics" / "tx_bytes").read_text())
+    return total

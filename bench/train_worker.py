@@ -21,7 +21,7 @@ import torch
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from bench import workload
-from bench.common import cpu_breakdown
+from bench.common import cpu_breakdown, net_tx_bytes
 from peer import trainer as product_trainer
 from peer.swarm.optim import (
     GRAD_COMPRESSIONS,
@@ -56,13 +56,23 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compression", choices=GRAD_COMPRESSIONS, default=None)
     p.add_argument("--replay", type=Path, nargs="*", default=None, help="single: replay these swarm records")
     p.add_argument("--eval", action="store_true", help="held-out MLM loss at the end")
+    # the run's training mode (manifest fields; the product's defaults where not given)
+    p.add_argument("--train-mode", choices=("sync", "diloco"), default=None)
+    p.add_argument("--inner-steps", type=int, default=None, help="diloco: H")
+    p.add_argument("--outer-compression", default=None)
+    p.add_argument("--outer-overlap", action="store_true")
+    p.add_argument("--outer-lr", type=float, default=None)
+    p.add_argument("--outer-momentum", type=float, default=None)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    run = workload.make_manifest(args.run_id, args.preset, args.seq_len, args.target, args.warmup)
+    mode = dict(mode=args.train_mode, inner_steps=args.inner_steps, outer_compression=args.outer_compression,
+                outer_overlap=args.outer_overlap or None, outer_lr=args.outer_lr,
+                outer_momentum=args.outer_momentum)  # fmt: skip
+    run = workload.make_manifest(args.run_id, args.preset, args.seq_len, args.target, args.warmup, **mode)
     result = {"mode": args.mode, "name": args.name, "index": args.index, "peers": args.peers, "steps": []}
     if args.mode == "swarm":  # the trainer builds the model (``trainer_created`` phase)
         started = time.time()
@@ -101,6 +111,10 @@ def swarm(args, run, result, finish) -> None:
     from peer.telemetry import PeerTelemetry
 
     timing = {"matchmaking_time": args.matchmaking_time, "averaging_timeout": args.averaging_timeout}
+    diloco = run.mode == "diloco"
+    # diloco: --steps outer steps = steps × H inner steps of --batch samples; with overlap the last round is still in
+    # flight after them (applied by ``flush``), so the trainer must not count itself finished one round early
+    max_steps = args.steps + 1 if diloco and run.outer_overlap else args.steps
     cfg = PeerConfig(
         join=[args.join] if args.join else [],
         listen=[f"/ip4/{args.host}/tcp/0"],
@@ -109,7 +123,7 @@ def swarm(args, run, result, finish) -> None:
         device="cpu",  # every arm trains on CPU, whatever the machine has
         threads=args.threads,
         seed=workload.peer_seed(args.index),
-        max_steps=args.steps,
+        max_steps=max_steps,
         save_every=0,
         **{name: value for name, value in timing.items() if value is not None},
     ).validate()
@@ -126,12 +140,20 @@ def swarm(args, run, result, finish) -> None:
         _phase(result, "trainer_created")
         _wait_for_peers(dht, args)
         _phase(result, "peers_ready")
-        roles = {dht.pid: "dht", trainer.opt.state_averager.pid: "state_averager",
-                 trainer.opt.grad_averager.pid: "grad_averager"}  # fmt: skip
-        cpu_before = cpu_breakdown(roles=roles)
-        _train(trainer, result)
+        if diloco:
+            roles = {dht.pid: "dht", trainer.opt.engine.state.pid: "outer_state_averager",
+                     trainer.opt.engine.pseudograd.pid: "pseudograd_averager"}  # fmt: skip
+        else:
+            roles = {dht.pid: "dht", trainer.opt.state_averager.pid: "state_averager",
+                     trainer.opt.grad_averager.pid: "grad_averager"}  # fmt: skip
+        cpu_before, tx_before = cpu_breakdown(roles=roles), net_tx_bytes()
+        _train(trainer, result, inner_total=args.steps * run.inner_steps if diloco else None)
         _phase(result, "trained")
-        result.update(cpu_during_training=_cpu_used_since(cpu_before, roles))
+        result.update(cpu_during_training=_cpu_used_since(cpu_before, roles), link_tx_bytes=net_tx_bytes() - tx_before)
+        result.update(telemetry_bytes_sent=trainer.telemetry.registry.get_sample_value(
+            "bertswarm_peer_bytes_sent_total"))  # fmt: skip
+        if diloco:
+            result.update(engine_bytes_sent=trainer.opt.engine.bytes_sent, outer_epoch=trainer.opt.local_epoch)
         # done before hivemind's shutdown, which takes up to ~10 s and measures nothing; the launcher stops the
         # worker's process group once every peer is done
         finish(trainer.model)
@@ -143,17 +165,22 @@ def swarm(args, run, result, finish) -> None:
         prepared.state_dir.close()
 
 
-def _train(trainer, result: dict) -> None:
+def _train(trainer, result: dict, inner_total: int | None = None) -> None:
     """``trainer.step()`` until the trainer is finished, recording which micro-batches went into which global step
     (``contributions``), when each step was reached, and where the time of each ``Trainer.step`` went: before its
     ``SwarmOptimizer.step`` call (fetching the micro-batch, forward, backward, the finite-gradient check) and from it
-    on (accumulation, progress tracker, averaging, the optimizer itself, ``zero_grad``)."""
+    on (accumulation, progress tracker, averaging, the optimizer itself, ``zero_grad``).
+
+    diloco (``inner_total``: the inner steps to train): stops after that many accepted inner steps, applies an
+    outer round still in flight (``outer_overlap``: ``flush``) and records the end of every inner step
+    (``inner_times``; the last one includes that flush)."""
     clock = _OptStepClock(trainer.opt)
     contributions: dict[int, list[int]] = {}
     pending: list[int] = []
     k = 0  # micro-batch k of this peer's stream
     compute_s = step_s = compute_cpu_s = 0.0  # wall time before/after opt.step, CPU time of the part before
-    while not trainer.finished:
+    inner_times: list[float] = []
+    while not trainer.finished and (inner_total is None or trainer.mini_steps < inner_total):
         epoch, loads, mini_steps = trainer.opt.local_epoch, trainer.state_loads, trainer.mini_steps
         clock.reached = None
         began, began_cpu = time.perf_counter(), time.thread_time()
@@ -169,11 +196,22 @@ def _train(trainer, result: dict) -> None:
             pass  # dropped before the optimizer: non-finite loss or gradients
         else:
             pending.append(k)
+            if inner_total is not None:
+                inner_times.append(time.time())
             if trainer.opt.local_epoch > epoch:
                 contributions[epoch] = pending
                 pending = []
                 result["steps"].append([time.time(), trainer.opt.local_epoch])
         k += 1
+    if inner_total is not None:
+        began = time.perf_counter()
+        engine = getattr(trainer.opt, "engine", None)
+        if engine is not None and engine.overlap and engine.flush() is not None:
+            result["steps"].append([time.time(), trainer.opt.local_epoch])
+            if inner_times:
+                inner_times[-1] = time.time()
+        result.update(inner_times=inner_times, flush_s=time.perf_counter() - began)
+        step_s += time.perf_counter() - began
     result.update(
         rounds=trainer.round_log,
         state_loads=trainer.state_loads,
@@ -212,6 +250,11 @@ class _BenchTrainer(product_trainer.Trainer):
     def _on_round(self, outcome: str, group_size: int, seconds: float) -> None:
         super()._on_round(outcome, group_size, seconds)
         self.round_log.append([outcome, group_size, seconds])
+
+    def _on_outer_round(self, report) -> None:
+        super()._on_outer_round(report)
+        self.round_log.append([report.outcome, report.group_size, report.seconds, report.blocked_seconds,
+                               report.bytes_sent])  # fmt: skip
 
     def _on_state_loaded(self, seconds: float) -> None:
         super()._on_state_loaded(seconds)
@@ -330,6 +373,7 @@ def ddp(args, run, model, result) -> None:
         n = run.target_batch_size // args.batch // args.peers  # micro-batches per rank: same global batch
         stream = workload.stream(run, args.batch, workload.peer_seed(args.index))
         dist.barrier()
+        tx_before = net_tx_bytes()  # after the initial broadcast of the model and the barrier: training traffic only
         # forward/backward of the no_sync micro-batches (the last one of a step also all-reduces)
         compute_s, compute_cpu_s, timed = 0.0, 0.0, 0
         cpu_before = cpu_breakdown()
@@ -348,6 +392,7 @@ def ddp(args, run, model, result) -> None:
             opt.zero_grad()
             result["steps"].append([time.time(), len(result["steps"]) + 1])
         dist.barrier()
+        result.update(link_tx_bytes=net_tx_bytes() - tx_before)
         result.update(compute_s=compute_s, compute_cpu_s=compute_cpu_s, micro_batches=timed,
                       cpu_during_training=_cpu_used_since(cpu_before))  # fmt: skip
     finally:

@@ -29,11 +29,14 @@ def documents() -> tuple[list[str], list[str]]:
 
 
 def make_manifest(
-    run_id: str, preset: str = "tiny", seq_len: int = 128, target: int | None = None, warmup: int = 50
+    run_id: str, preset: str = "tiny", seq_len: int = 128, target: int | None = None, warmup: int = 50, **mode
 ) -> manifest.RunManifest:
-    """The manifest a user's first peer would publish with these flags (``bertswarm-peer --preset ... ``)."""
+    """The manifest a user's first peer would publish with these flags (``bertswarm-peer --preset ... ``); ``mode``:
+    the training-mode fields of ``PeerConfig`` (``mode="diloco"``, ``inner_steps``, ``outer_compression``,
+    ``outer_overlap``, ``outer_lr``, ``outer_momentum``), left at the product's defaults where not given."""
     tok = tokenizer()
-    cfg = PeerConfig(preset=preset, seq_len=seq_len, target_batch_size=target, warmup_steps=warmup)
+    mode = {name: value for name, value in mode.items() if value is not None}
+    cfg = PeerConfig(preset=preset, seq_len=seq_len, target_batch_size=target, warmup_steps=warmup, **mode)
     run = manifest.from_config(cfg, run_id, tokenizer_fingerprint(tok), tok.get_vocab_size())
     return run.model_copy(update={"run_id": run_id})
 

@@ -2,7 +2,7 @@
 
 import importlib
 
-NAMES = ["throughput", "averaging_round", "quality", "join", "slowlink", "dht", "scaling"]
+NAMES = ["throughput", "averaging_round", "quality", "join", "slowlink", "dht", "scaling", "diloco"]
 
 
 def load(name: str):

@@ -174,3 +174,68 @@ def test_cpu_breakdown_names_helpers_and_counts_their_cpu():
         assert cpu["main_thread_s"] > 0
     finally:
         busy.communicate(b"")
+
+
+def test_diloco_rate_and_utilisation_from_worker_records():
+    # peer 0's inner steps end at 10, 11, 12, 15 (the last includes the outer round); peer 1's at 10.5 .. 15.5
+    records = [
+        {"inner_times": [10.0, 11.0, 12.0, 15.0], "compute_s": 4.5, "phases": {"peers_ready": 20.0, "trained": 26.0}},
+        {"inner_times": [10.5, 11.5, 12.5, 15.5], "compute_s": 3.0, "phases": {"peers_ready": 20.0, "trained": 26.0}},
+    ]
+    assert arms.diloco_samples_per_second(records, batch=16) == pytest.approx(2 * 3 * 16 / 5.5)
+    assert arms.compute_utilisation(records[0]) == pytest.approx(0.75)
+    assert math.isnan(arms.diloco_samples_per_second([{"inner_times": [1.0]}], batch=16))
+    assert math.isnan(arms.compute_utilisation({"compute_s": 1.0, "phases": {}}))
+
+
+def test_swarm_arm_passes_the_training_mode_to_the_manifest():
+    run = workload.make_manifest("r", "tiny", 64, 32, 8, mode="diloco", inner_steps=16, outer_compression="int8",
+                                 outer_overlap=True)  # fmt: skip
+    assert (run.mode, run.inner_steps, run.outer_compression, run.outer_overlap) == ("diloco", 16, "int8", True)
+    assert workload.make_manifest("r", "tiny", 64, 32, 8, mode=None).mode == "sync"
+    args = arms._common(dict(train_mode="diloco", inner_steps=16, outer_compression="fp16", outer_overlap=True))
+    parsed = train_worker.parse(["swarm", "--out", "/tmp/x", "--name", "p", *args])
+    assert (parsed.train_mode, parsed.inner_steps, parsed.outer_compression, parsed.outer_overlap) == (
+        "diloco", 16, "fp16", True)  # fmt: skip
+
+
+def test_net_tx_bytes_sums_the_non_loopback_interfaces(tmp_path):
+    from bench.common import net_tx_bytes
+
+    for dev, tx in (("lo", 999), ("veth0", 1000), ("eth1", 24)):
+        (tmp_path / dev / "statistics").mkdir(parents=True)
+        (tmp_path / dev / "statistics" / "tx_bytes").write_text(f"{tx}\n")
+    assert net_tx_bytes(tmp_path) == 1024
+    assert net_tx_bytes(tmp_path / "absent") == 0
+
+
+def test_diloco_scenario_arms_train_the_same_samples_and_rows_take_ratios_per_repetition():
+    from bench.scenarios import diloco
+
+    for link, _arm, cfg in diloco.plan(quick=False, have_link=True):
+        if cfg.get("train_mode") == "diloco":  # peers × inner steps × batch == DDP steps × global batch
+            assert cfg["steps"] * cfg["inner_steps"] == diloco.INNER and cfg["target"] == diloco.PEERS * cfg["batch"]
+        elif link == "loopback":
+            assert cfg["steps"] == diloco.INNER and cfg["eval"]
+    assert [a for lk, a, _ in diloco.plan(quick=True, have_link=False)] == ["ddp", "diloco_h16"]
+
+    cfg = diloco.diloco_cfg(16, 32)
+    records = [
+        {"inner_times": [0.0, 1.0, 2.0], "compute_s": 1.0, "phases": {"peers_ready": 0, "trained": 2.0},
+         "heldout_loss": 7.0, "link_tx_bytes": 960, "telemetry_bytes_sent": 500, "outer_epoch": 2,
+         "rounds": [["success", 2, 0.1, 0.1, 250], ["failed", 1, 0.1, 0.1, 0]],
+         "cpu_during_training": {"main_thread_s": 2.0, "other_threads_s": 0.1, "children_total_s": 0.1}},
+    ] * 2  # fmt: skip
+    figures = diloco.summarize_arm(records, cfg)
+    assert figures["samples"] == 2 * 3 * 16 and figures["link_bytes_per_sample"] == pytest.approx(1920 / 96)
+    assert figures["heldout_loss"] == 7.0 and figures["helper_cpu_ratio"] == pytest.approx(0.1)
+    assert figures["not_success"] == ["failed", "failed"] and figures["utilisation"] == pytest.approx(0.5)
+
+    raw = {
+        "loopback/ddp": [{"samples_per_s": 10.0, "heldout_loss": 7.0}, {"error": "boom"}],
+        "loopback/diloco_h64": [{"samples_per_s": 12.0, "heldout_loss": 7.07, "utilisation": 0.9}] * 2,
+    }
+    rows = {r["metric"]: r for r in diloco.build_rows(raw, reps=2, h=64, quick=False)}
+    speed = rows["loopback: diloco (H=64) ÷ DDP samples/s"]
+    assert speed["values"][0] == pytest.approx(1.2) and math.isnan(speed["values"][1]) and speed["goal"] == ">= 1.0"
+    assert rows["held-out MLM loss, diloco (H=64, none) ÷ sync, same samples"]["values"][0] == pytest.approx(1.01)
