@@ -15,6 +15,7 @@ from pathlib import Path
 from peer.errors import UserError
 from peer.run.manifest import (
     DEFAULT_INNER_STEPS,
+    DEFAULT_OUTER_COMPRESSION,
     DEFAULT_OUTER_LR,
     DEFAULT_OUTER_MOMENTUM,
     MODES,
@@ -134,11 +135,12 @@ class PeerConfig:
     outer_momentum: float = setting("diloco: outer Nesterov momentum", default=DEFAULT_OUTER_MOMENTUM, group="run")
     outer_compression: str = setting(
         f"diloco: compression of the averaged weight changes, one of {', '.join(OUTER_COMPRESSIONS)}",
-        default="none",
+        default=DEFAULT_OUTER_COMPRESSION,
         group="run",
     )
     outer_overlap: bool = setting(
-        "diloco: exchange the weight changes in the background while the next inner steps compute (one round late)",
+        "diloco: exchange the weight changes in the background while the next inner steps compute (one round late; "
+        "with outer momentum it cost held-out loss in our benchmark: pair it with --outer-momentum 0)",
         default=False,
         group="run",
     )

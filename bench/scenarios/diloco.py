@@ -151,7 +151,7 @@ def run(workdir, reps: int, quick: bool) -> dict:
         "'sync' is DDP-gloo on loopback: gradients of the global batch averaged every step with the run's optimizer "
         "and schedule — the synchronous swarm's math without its matchmaking. diloco arms use the product's "
         "`Trainer` with `mode=diloco`, outer Nesterov SGD (lr 0.7, momentum 0.9), the product's matchmaking_time "
-        "(3 s) and averaging_timeout (30 s).",
+        "(3 s, of which outer rounds use a third) and averaging_timeout (30 s).",
         "samples/s: diloco from the end of each peer's first inner step to the end of its last (which includes the "
         "final outer round); DDP from its first step on. Utilisation: forward/backward wall time ÷ wall time of "
         "the training loop, mean of the peers. Link bytes: `tx_bytes` of both veth ends during the training loop "

@@ -68,7 +68,6 @@ from functools import partial
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import (
     CompressionBase,
     CompressionInfo,
@@ -77,7 +76,6 @@ from hivemind.compression import (
     TensorRole,
     Uniform8BitQuantization,
 )
-from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 from hivemind.utils import get_dht_time
 
 from peer.swarm import guards, hivemind_compat
@@ -93,37 +91,10 @@ EPOCH_BITS = 16  # group key bits carrying the outer epoch (mod 2**16)
 RECORD_SUFFIX = "_diloco"
 
 
-class PseudoGradientAverager(DecentralizedAverager):
-    """Averages the outer parameters' ``.grad`` buffers (the pseudo-gradients) with a group of peers."""
-
-    # hivemind caches RPC handlers per class; without these a subclass may reuse its parent's (wrong) handler names
-    _rpc_handlers = None
-    _stub_type = None
-
-
-class OuterStateAverager(TrainingStateAverager):
-    """Holds θ_outer, the outer momentum and the outer epoch; serves them to joiners as one consistent snapshot."""
-
-    _rpc_handlers = None
-    _stub_type = None
-
-    def get_current_state(self):
-        # hivemind's version hands out live shared tensors (read later, while this peer may be stepping) and reads
-        # the epoch outside the lock; here params, momentum and epoch are copied together under the lock
-        with torch.no_grad(), self.lock_averaged_tensors:
-            params = tuple(p.detach().cpu().clone() for g in self.optimizer.param_groups for p in g["params"])
-            optimizer_metadata, optimizer_tensors = dump_optimizer_state(self.optimizer)
-            optimizer_tensors = [t.clone() for t in optimizer_tensors]
-            epoch = self.local_epoch
-        infos = [
-            CompressionInfo.from_tensor(p, key=key, role=TensorRole.PARAMETER)
-            for p, key in zip(params, self.parameter_names, strict=True)
-        ]
-        infos += [
-            CompressionInfo.from_tensor(t, key=i, role=TensorRole.OPTIMIZER) for i, t in enumerate(optimizer_tensors)
-        ]
-        metadata = dict(epoch=epoch, optimizer_metadata=optimizer_metadata)
-        return metadata, [*params, *optimizer_tensors], infos
+# The hivemind subclasses of this mode live with bertswarm's other hivemind internals (every peer and the coordinator
+# must use these exact classes: hivemind names RPC handlers after them)
+PseudoGradientAverager = hivemind_compat.PseudoGradientAverager
+OuterStateAverager = hivemind_compat.OuterStateAverager
 
 
 @dataclasses.dataclass
@@ -522,7 +493,7 @@ class DiLoCo:
 
     @torch.no_grad()
     def _set_local_to_outer(self) -> None:
-        self.state._apply_optimizer_parameters_()
+        hivemind_compat.apply_offloaded_parameters(self.state)
 
     def _reload(self, timeout: float | None = None) -> bool:
         started, before = time.perf_counter(), self.outer_epoch
@@ -569,8 +540,8 @@ class DiLoCo:
         """Exact average of θ_outer and momentum with the peers of this epoch; True if a group did it."""
         try:
             self.state.set_group_bits(_epoch_bits(epoch))
-            control = DecentralizedAverager.step(
-                self.state, gather=dict(epoch=epoch), weight=1.0, timeout=self.matchmaking_timeout, wait=False
+            control = hivemind_compat.average_tensors_once(
+                self.state, gather=dict(epoch=epoch), weight=1.0, timeout=self.matchmaking_timeout
             )
             gathered = control.result(timeout=self.matchmaking_timeout + self.averaging_timeout + 5)
         except Exception as e:

@@ -9,6 +9,9 @@ adapt, rerun the unit and integration tests, then add the version.
   the 8-bit decoders fixed for NumPy >= 2.4, and the finite-only reducer of ``peer.swarm.guards`` in the all-reduce.
 - ``HookedOptimizer`` / ``FilteredProgressTracker``: hivemind subclasses that turn the private steps bertswarm needs
   into public hooks (``peer.swarm.optim.SwarmOptimizer`` and ``peer.swarm.guards.BoundedProgressTracker`` use them).
+- ``PseudoGradientAverager`` / ``OuterStateAverager``: the averagers of ``--mode diloco`` (``peer.swarm.diloco``), with
+  hivemind's per-class RPC handler cache reset and a consistent state snapshot for joiners;
+  ``apply_offloaded_parameters`` copies the outer parameters into the model.
 - ``shutdown_dht``, ``keep_request_futures``: DHT shutdown without the tracebacks hivemind prints on every exit.
 - ``sync_lr_schedule``: the LR scheduler to the averager's epoch now (hivemind does it lazily).
 - ``configure_logging``: hivemind's log level, and silence for its benign shutdown races and LR-scheduler warning
@@ -194,9 +197,57 @@ def _build_filtered_progress_tracker():
     return FilteredProgressTracker
 
 
+def _build_pseudo_gradient_averager():
+    from hivemind.averaging import DecentralizedAverager
+
+    class PseudoGradientAverager(DecentralizedAverager):
+        """DiLoCo: averages the outer parameters' ``.grad`` buffers (the pseudo-gradients) with a group of peers."""
+
+        # hivemind caches RPC handlers per class; without these a subclass may reuse its parent's (wrong) handler names
+        _rpc_handlers = None
+        _stub_type = None
+
+    return PseudoGradientAverager
+
+
+def _build_outer_state_averager():
+    import torch
+    from hivemind.compression import CompressionInfo, TensorRole
+    from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
+
+    class OuterStateAverager(TrainingStateAverager):
+        """DiLoCo: holds θ_outer, the outer momentum and the outer epoch; serves them to joiners as one consistent
+        snapshot (``get_current_state`` overridden: hivemind's hands out live shared tensors, read later while this
+        peer may be stepping, and reads the epoch outside the lock)."""
+
+        _rpc_handlers = None
+        _stub_type = None
+
+        def get_current_state(self):
+            with torch.no_grad(), self.lock_averaged_tensors:
+                params = tuple(p.detach().cpu().clone() for g in self.optimizer.param_groups for p in g["params"])
+                optimizer_metadata, optimizer_tensors = dump_optimizer_state(self.optimizer)
+                optimizer_tensors = [t.clone() for t in optimizer_tensors]
+                epoch = self.local_epoch
+            infos = [
+                CompressionInfo.from_tensor(p, key=key, role=TensorRole.PARAMETER)
+                for p, key in zip(params, self.parameter_names, strict=True)
+            ]
+            infos += [
+                CompressionInfo.from_tensor(t, key=i, role=TensorRole.OPTIMIZER)
+                for i, t in enumerate(optimizer_tensors)
+            ]
+            metadata = dict(epoch=epoch, optimizer_metadata=optimizer_metadata)
+            return metadata, [*params, *optimizer_tensors], infos
+
+    return OuterStateAverager
+
+
 _LAZY_CLASSES = {
     "HookedOptimizer": _build_hooked_optimizer,
     "FilteredProgressTracker": _build_filtered_progress_tracker,
+    "PseudoGradientAverager": _build_pseudo_gradient_averager,
+    "OuterStateAverager": _build_outer_state_averager,
 }
 
 
@@ -210,6 +261,21 @@ def __getattr__(name: str):
 
 
 # --- the rest of hivemind's internals that bertswarm uses -----------------------------------------------------------
+
+
+def apply_offloaded_parameters(state_averager) -> None:
+    """Copy a ``TrainingStateAverager``'s offloaded (CPU fp32) parameters into the model's (DiLoCo: θ_local ←
+    θ_outer)."""
+    state_averager._apply_optimizer_parameters_()
+
+
+def average_tensors_once(state_averager, **step_kwargs):
+    """One plain all-reduce of a ``TrainingStateAverager``'s averaged tensors (its parameters and the optimizer
+    statistics it averages), without its own ``step``'s optimizer and scheduler logic: ``DecentralizedAverager.step``
+    called on it, not waiting. Returns the ``StepControl``."""
+    from hivemind.averaging import DecentralizedAverager
+
+    return DecentralizedAverager.step(state_averager, wait=False, **step_kwargs)
 
 
 def sync_lr_schedule(state_averager) -> None:

@@ -13,7 +13,10 @@ from .conftest import max_abs_diff, saved_state
 
 pytestmark = pytest.mark.swarm
 
-DILOCO = ["--mode", "diloco", "--inner-steps", "16", "--outer-lr", "0.7", "--outer-momentum", "0.9"]
+# uncompressed, so the peers' outer parameters are equal after every successful round (int8's bounded drift and its
+# exact re-agreement are tested in test_diloco.py)
+DILOCO = ["--mode", "diloco", "--inner-steps", "16", "--outer-lr", "0.7", "--outer-momentum", "0.9",
+          "--outer-compression", "none"]  # fmt: skip
 FINAL_STEP = 6  # outer steps: the joiner arrives after one or two, then both train together
 
 
@@ -72,4 +75,19 @@ def test_a_joiner_asking_for_another_mode_is_refused_with_the_diff(swarm):
     assert b.wait(timeout=120) == 2
     log = b.log_path.read_text()
     assert "mode (from --mode): run has 'diloco', you asked for 'sync'" in log, log[-2000:]
+    assert "Traceback" not in log
+
+
+@pytest.mark.timeout(180)
+def test_a_diloco_peer_resumes_its_outer_state_after_a_restart(swarm):
+    a = swarm.start("a", *DILOCO, "--inner-steps", "4", "--max-steps", "2")
+    assert a.wait(timeout=120) == 0, a.log_tail()
+    first, epoch = saved_state(a)
+    assert epoch == 2
+    again = swarm.start("a", *DILOCO, "--inner-steps", "4", "--max-steps", "4")  # same state dir and run
+    assert again.wait(timeout=120) == 0, again.log_tail()
+    log = again.log_path.read_text()
+    assert "resumed local state at step 2" in log, log[-3000:]
+    second, epoch = saved_state(again)
+    assert epoch == 4 and max_abs_diff(first, second) > 0  # it trained on from the saved outer parameters
     assert "Traceback" not in log
