@@ -91,3 +91,35 @@ def test_a_diloco_peer_resumes_its_outer_state_after_a_restart(swarm):
     second, epoch = saved_state(again)
     assert epoch == 4 and max_abs_diff(first, second) > 0  # it trained on from the saved outer parameters
     assert "Traceback" not in log
+
+
+@pytest.mark.timeout(180)
+def test_a_diloco_run_starts_from_a_checkpoint_at_its_outer_step(swarm, tmp_path):
+    from peer.cli import parse_config
+    from peer.data.tokenizer import default_tokenizer, tokenizer_fingerprint
+    from peer.run.manifest import from_config
+    from peer.run.model import build_model
+    from peer.store.checkpoint import write_checkpoint
+
+    from .conftest import FAST
+
+    flags = [*FAST, *DILOCO, "--inner-steps", "4"]
+    cfg, _ = parse_config(flags, environ={})
+    tok = default_tokenizer()
+    manifest = from_config(cfg, "bertswarm", tokenizer_fingerprint(tok), tok.get_vocab_size())
+    model = build_model(manifest.model, nsp=False, seed=7)  # not the run's initial weights: the peer must load these
+    path = write_checkpoint(tmp_path / "ckpt", model, tok, manifest, epoch=5, samples_seen=640,
+                            eval_metrics={"mlm_loss": 9.0, "mlm_accuracy": 0.0})  # fmt: skip
+    a = swarm.start("a", *DILOCO, "--inner-steps", "4", "--init-from", str(path), "--max-steps", "6")
+    assert a.wait(timeout=120) == 0, a.log_tail()
+    log = a.log_path.read_text()
+    assert "(step 5)" in log, log[-3000:]
+    tensors, epoch = saved_state(a)
+    assert epoch == 6  # one outer round after the checkpoint's step
+    start = {name: p.detach() for name, p in model.named_parameters()}
+    fresh = {name: p.detach() for name, p in build_model(manifest.model, nsp=False, seed=0).named_parameters()}
+    trained = {k: tensors[k] for k in start}
+    from_checkpoint, from_fresh = max_abs_diff(trained, start), max_abs_diff(trained, fresh)
+    print(f"max |trained - checkpoint| = {from_checkpoint:.3g}, max |trained - run's fresh init| = {from_fresh:.3g}")
+    assert 0 < from_checkpoint < from_fresh / 2  # it trained on from the checkpoint's weights, not from scratch
+    assert "Traceback" not in log
