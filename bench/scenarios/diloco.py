@@ -14,7 +14,7 @@ import os
 import statistics
 
 from bench import arms
-from bench.scenarios import slowlink
+from bench.scenarios import slowlink, throughput
 
 NAME = "diloco"
 TITLE = "8. DiLoCo: diloco swarm vs DDP-gloo on loopback and over tbf-limited veth"
@@ -95,13 +95,7 @@ def summarize_arm(records: list[dict], cfg: dict) -> dict:
     return out
 
 
-def _helper_cpu_ratio(records: list[dict]) -> float:
-    ratios = []
-    for r in records:
-        cpu = r.get("cpu_during_training")
-        if cpu and cpu["main_thread_s"] > 0:
-            ratios.append((cpu["other_threads_s"] + cpu["children_total_s"]) / cpu["main_thread_s"])
-    return statistics.mean(ratios) if ratios else float("nan")
+_helper_cpu_ratio = throughput._cpu_beside_training  # one definition of "helper CPU ÷ training-thread CPU"
 
 
 def ratio(a, b) -> float:
