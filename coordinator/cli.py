@@ -39,16 +39,16 @@ async def run(cfg: CoordinatorConfig) -> None:
     from coordinator.service import CoordinatorService
     from peer import join
     from peer.config import PeerConfig
-    from peer.data import corpus, embedded
+    from peer.data import corpus
     from peer.data.batches import heldout_batches
-    from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
+    from peer.data.tokenizer import tokenizer_fingerprint
     from peer.swarm import dht as swarm
     from peer.swarm import hivemind_compat, records
+    from peer.trainer import load_inputs
 
     hivemind_compat.check_version()  # before the DHT starts
     check_checkpoint_dir(Path(cfg.checkpoint_dir).expanduser())
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
-    documents = corpus.load_documents(cfg.data) if cfg.data else embedded.default_corpus()
+    tokenizer, documents = load_inputs(cfg.tokenizer, cfg.data)
     _, heldout = corpus.split_heldout(documents)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

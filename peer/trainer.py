@@ -27,7 +27,7 @@ from peer.config import PeerConfig
 from peer.data import corpus, embedded
 from peer.data.batches import BatchStream
 from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
-from peer.errors import UserError
+from peer.errors import InputError, UserError
 from peer.progress import Snapshot, StatusDisplay, Window
 from peer.run.manifest import RunManifest
 from peer.run.model import build_model, count_parameters
@@ -104,8 +104,7 @@ def prepare(cfg: PeerConfig) -> Prepared:
         state_dir = StateDir(cfg.state_path)
     except StateError as e:
         raise e.with_flag("--state-dir") from None
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
-    documents = corpus.load_documents(cfg.data) if cfg.data else embedded.default_corpus()
+    tokenizer, documents = load_inputs(cfg.tokenizer, cfg.data)
     train_documents, _heldout = corpus.split_heldout(documents)
     telemetry = PeerTelemetry()
     port = telemetry.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port is not None else None
@@ -115,6 +114,20 @@ def prepare(cfg: PeerConfig) -> Prepared:
     except CheckpointError as e:
         raise e.with_flag("--init-from") from None
     return Prepared(state_dir, tokenizer, train_documents, telemetry, port, init)
+
+
+def load_inputs(tokenizer_path: str | None, data: list[str]) -> tuple[object, list[str]]:
+    """The tokenizer and the documents the flags name (defaults: the shipped vocab, the embedded corpus); a problem
+    with either is answered in one line that names the flag (shared with the coordinator's CLI)."""
+    try:
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else default_tokenizer()
+    except InputError as e:
+        raise e.with_flag("--tokenizer") from None
+    try:
+        documents = corpus.load_documents(data) if data else embedded.default_corpus()
+    except InputError as e:
+        raise e.with_flag("--data") from None
+    return tokenizer, documents
 
 
 class Trainer:

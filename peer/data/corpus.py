@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peer.errors import UserError
+from peer.errors import InputError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def load_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     * ``hf:NAME[:CONFIG][:SPLIT]``: the ``"text"`` column of a Hugging Face dataset (split defaults to ``train``;
       needs ``pip install 'bertswarm[datasets]'``).
 
-    Entries are read in the order given; a file reached twice is read once. Raises :class:`UserError` (one line: the
-    problem and the fix) for a missing path, a glob or directory without text files, an empty, binary, non-UTF-8 or
-    unreadable file, and a malformed JSONL line.
+    Entries are read in the order given; a file reached twice is read once. Raises :class:`~peer.errors.InputError`
+    (one line: the entry, the problem and the fix; the caller adds the flag) for a missing path, a glob or directory
+    without text files, an empty, binary, non-UTF-8 or unreadable file, and a malformed JSONL line.
     """
     if not paths:
         raise UserError(f"no corpus given; {_DATA_HINT}")
@@ -79,9 +79,9 @@ def _expand(entry: str) -> list[Path]:
         try:
             files = sorted(p for p in path.rglob("*") if p.suffix in _TEXT_SUFFIXES and p.is_file())
         except OSError as exc:
-            raise UserError(f"--data {entry}: cannot list directory ({exc.strerror or exc}); {_DATA_HINT}") from None
+            raise InputError(entry, f"cannot list directory ({exc.strerror or exc}); {_DATA_HINT}") from None
         if not files:
-            raise UserError(f"--data {entry}: directory has no .txt or .jsonl files; {_DATA_HINT}")
+            raise InputError(entry, f"directory has no .txt or .jsonl files; {_DATA_HINT}")
         return files
     if path.exists():
         return [path]
@@ -91,31 +91,31 @@ def _expand(entry: str) -> list[Path]:
             match_path = Path(match)
             files.extend(_expand(match) if match_path.is_dir() else [match_path])
         if not files:
-            raise UserError(f"--data {entry}: glob matches no files; {_DATA_HINT}")
+            raise InputError(entry, f"glob matches no files; {_DATA_HINT}")
         return files
-    raise UserError(f"--data {entry}: no such file or directory; {_DATA_HINT}")
+    raise InputError(entry, f"no such file or directory; {_DATA_HINT}")
 
 
 def _read_file(path: Path) -> list[str]:
     try:
         data = path.read_bytes()
     except PermissionError:
-        raise UserError(f"--data {path}: permission denied; make the file readable or pass another file") from None
+        raise InputError(path, "permission denied; make the file readable or pass another file") from None
     except OSError as exc:
-        raise UserError(f"--data {path}: cannot read ({exc.strerror or exc}); {_DATA_HINT}") from None
+        raise InputError(path, f"cannot read ({exc.strerror or exc}); {_DATA_HINT}") from None
     if b"\0" in data:
-        raise UserError(f"--data {path}: binary file (contains NUL bytes); pass UTF-8 text (.txt) or .jsonl")
+        raise InputError(path, "binary file (contains NUL bytes); pass UTF-8 text (.txt) or .jsonl")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UserError(
-            f"--data {path}: not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 or pass another file"
+        raise InputError(
+            path, f"not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 or pass another file"
         ) from None
     if not text.strip():
-        raise UserError(f"--data {path}: file is empty; pass a file with text in it")
+        raise InputError(path, "file is empty; pass a file with text in it")
     documents = _parse_jsonl(path, text) if path.suffix == ".jsonl" else _split_paragraphs(text)
     if not documents:
-        raise UserError(f"--data {path}: no non-empty documents; pass a file with text in it")
+        raise InputError(path, "no non-empty documents; pass a file with text in it")
     return documents
 
 
@@ -133,11 +133,9 @@ def _parse_jsonl(path: Path, text: str) -> list[str]:
         try:
             record = json.loads(line)
         except ValueError as exc:
-            raise UserError(
-                f"--data {path}:{number}: invalid JSON ({exc.msg}); write one JSON object per line"
-            ) from None
+            raise InputError(f"{path}:{number}", f"invalid JSON ({exc.msg}); write one JSON object per line") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise UserError(f'--data {path}:{number}: expected a JSON object with a string field "text"; fix that line')
+            raise InputError(f"{path}:{number}", 'expected a JSON object with a string field "text"; fix that line')
         if record["text"].strip():
             documents.append(record["text"].strip())
     return documents
@@ -147,28 +145,26 @@ def _load_hf_dataset(entry: str) -> list[str]:
     """``hf:NAME[:CONFIG][:SPLIT]`` -> the non-empty strings of the dataset's "text" column."""
     parts = entry[len(_HF_PREFIX) :].split(":")
     if not parts[0] or len(parts) > 3 or not all(parts):
-        raise UserError(f"--data {entry}: expected hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:train")
+        raise InputError(entry, "expected hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:train")
     name, config, split = parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
     try:
         import datasets
     except ImportError:
-        raise UserError(
-            f"--data {entry}: the datasets library is not installed; pip install 'bertswarm[datasets]'"
-        ) from None
+        raise InputError(entry, "the datasets library is not installed; pip install 'bertswarm[datasets]'") from None
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # network, auth, unknown name/config/split: all user-fixable, none worth a traceback
         message = " ".join(str(exc).split())[:300]
-        raise UserError(
-            f"--data {entry}: could not load the dataset ({type(exc).__name__}: {message}); "
-            "check the name, config, split and network"
+        raise InputError(
+            entry,
+            f"could not load the dataset ({type(exc).__name__}: {message}); check the name, config, split and network",
         ) from None
     if "text" not in dataset.column_names:
         columns = ", ".join(dataset.column_names)
-        raise UserError(f'--data {entry}: the dataset has no "text" column (columns: {columns}); pick a text dataset')
+        raise InputError(entry, f'the dataset has no "text" column (columns: {columns}); pick a text dataset')
     documents = [text.strip() for text in dataset["text"] if isinstance(text, str) and text.strip()]
     if not documents:
-        raise UserError(f'--data {entry}: the "text" column is empty; pick another dataset or split')
+        raise InputError(entry, 'the "text" column is empty; pick another dataset or split')
     return documents
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from peer.errors import UserError
+from peer.errors import InputError, UserError
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # in id order for vocabularies built here: [PAD] = 0
@@ -136,16 +136,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     A ``vocab.txt`` is given the uncased BERT pipeline; a ``tokenizer.json`` keeps its own normalizer and
     pre-tokenizer but must use a WordPiece model with the five BERT special tokens. Truncation and padding stored in
-    a ``tokenizer.json`` are switched off: the batch pipeline packs sequences itself. Raises :class:`UserError`.
+    a ``tokenizer.json`` are switched off: the batch pipeline packs sequences itself. Raises
+    :class:`~peer.errors.InputError` (the caller adds the flag).
     """
     path = Path(path).expanduser()
     if path.is_dir():
         for name in ("tokenizer.json", "vocab.txt"):
             if (path / name).is_file():
                 return load_tokenizer(path / name)
-        raise UserError(f"--tokenizer {path}: directory has no tokenizer.json or vocab.txt; pass a tokenizer file")
+        raise InputError(path, "directory has no tokenizer.json or vocab.txt; pass a tokenizer file")
     if not path.is_file():
-        raise UserError(f"--tokenizer {path}: no such file or directory; pass a vocab.txt, tokenizer.json or directory")
+        raise InputError(path, "no such file or directory; pass a vocab.txt, tokenizer.json or directory")
     tokenizer = _load_tokenizer_json(path) if path.suffix == ".json" else _load_vocab_txt(path)
     TokenizerInfo.of(tokenizer)  # validates the special tokens
     return tokenizer
@@ -155,11 +156,11 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except PermissionError:
-        raise UserError(f"--tokenizer {path}: permission denied; make the file readable") from None
+        raise InputError(path, "permission denied; make the file readable") from None
     except UnicodeDecodeError:
-        raise UserError(f"--tokenizer {path}: not UTF-8 text; pass a vocab.txt or tokenizer.json") from None
+        raise InputError(path, "not UTF-8 text; pass a vocab.txt or tokenizer.json") from None
     except OSError as exc:
-        raise UserError(f"--tokenizer {path}: cannot read ({exc.strerror or exc}); pass another file") from None
+        raise InputError(path, f"cannot read ({exc.strerror or exc}); pass another file") from None
 
 
 def _load_vocab_txt(path: Path) -> Tokenizer:
@@ -168,13 +169,13 @@ def _load_vocab_txt(path: Path) -> Tokenizer:
     vocab: dict[str, int] = {}
     for number, token in enumerate(tokens, start=1):
         if not token.strip() or token != token.strip():
-            raise UserError(f"--tokenizer {path}:{number}: empty token or surrounding whitespace; one token per line")
+            raise InputError(f"{path}:{number}", "empty token or surrounding whitespace; one token per line")
         if token in vocab:
-            raise UserError(f"--tokenizer {path}:{number}: duplicate token {token!r}; each token must appear once")
+            raise InputError(f"{path}:{number}", f"duplicate token {token!r}; each token must appear once")
         vocab[token] = number - 1
     missing = [token for token in SPECIAL_TOKENS if token not in vocab]
     if missing:
-        raise UserError(f"--tokenizer {path}: missing special tokens {' '.join(missing)}; use a BERT WordPiece vocab")
+        raise InputError(path, f"missing special tokens {' '.join(missing)}; use a BERT WordPiece vocab")
     model = models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=_MAX_CHARS_PER_WORD)
     return _assemble(model)
 
@@ -185,10 +186,10 @@ def _load_tokenizer_json(path: Path) -> Tokenizer:
         tokenizer = Tokenizer.from_str(text)
     except Exception as exc:  # the Rust parser raises a bare Exception naming the JSON problem
         message = " ".join(str(exc).split())[:200]
-        raise UserError(f"--tokenizer {path}: not a valid tokenizer.json ({message}); pass another file") from None
+        raise InputError(path, f"not a valid tokenizer.json ({message}); pass another file") from None
     if not isinstance(tokenizer.model, models.WordPiece):
         kind = type(tokenizer.model).__name__
-        raise UserError(f"--tokenizer {path}: model is {kind}, not WordPiece; pass a BERT WordPiece tokenizer")
+        raise InputError(path, f"model is {kind}, not WordPiece; pass a BERT WordPiece tokenizer")
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peer.errors import UserError
+from peer.errors import InputError
 
 
-class StoreError(UserError):
+class StoreError(InputError):
     """``"<path>: <problem>; <fix>"``, so that ``f"{flag} {error}"`` reads as one sentence."""
 
     def __init__(self, path: str | Path, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = str(path), problem
-
-    def with_flag(self, flag: str) -> UserError:
-        """The same message led by the flag the path came from, e.g. ``--checkpoint-dir /data/ckpt: ...``."""
-        return UserError(f"{flag} {self}")
+        super().__init__(path, problem)
+        self.path = str(path)
 
 
 class CheckpointError(StoreError):

@@ -85,3 +85,21 @@ def test_boolean_flags_turn_off_what_the_environment_turned_on():
     assert cfg.nsp is True
     cfg, _ = parse_config(["--nsp"], environ={})
     assert cfg.nsp is True
+
+
+def test_library_errors_name_no_flag_and_the_command_adds_it(tmp_path):
+    from peer.data.corpus import load_documents
+    from peer.data.tokenizer import load_tokenizer
+    from peer.errors import InputError
+    from peer.trainer import load_inputs
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(InputError, match=rf"^{empty}: file is empty; pass a file with text in it$"):
+        load_documents([str(empty)])
+    with pytest.raises(InputError, match=r"^/nonexistent: no such file"):
+        load_tokenizer("/nonexistent")
+    with pytest.raises(UserError, match=rf"^--data {empty}: file is empty; pass a file with text in it$"):
+        load_inputs(None, [str(empty)])
+    with pytest.raises(UserError, match=r"^--tokenizer /nonexistent: no such file or directory"):
+        load_inputs("/nonexistent", [str(empty)])
