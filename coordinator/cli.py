@@ -34,6 +34,9 @@ def check_checkpoint_dir(path: Path) -> None:
 
 
 async def run(cfg: CoordinatorConfig) -> None:
+    from peer.swarm import hivemind_compat
+
+    hivemind_compat.check_version()  # before anything that subclasses hivemind's internals is imported
     # heavy imports after the flags are known to be sane
     from coordinator import http
     from coordinator.service import CoordinatorService
@@ -43,10 +46,9 @@ async def run(cfg: CoordinatorConfig) -> None:
     from peer.data.batches import heldout_batches
     from peer.data.tokenizer import tokenizer_fingerprint
     from peer.swarm import dht as swarm
-    from peer.swarm import hivemind_compat, records
+    from peer.swarm import records
     from peer.trainer import load_inputs
 
-    hivemind_compat.check_version()  # before the DHT starts
     check_checkpoint_dir(Path(cfg.checkpoint_dir).expanduser())
     tokenizer, documents = load_inputs(cfg.tokenizer, cfg.data)
     _, heldout = corpus.split_heldout(documents)

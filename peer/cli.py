@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, explicit = parse_config(argv)
         setup_logging()
+        from peer.swarm import hivemind_compat
+
+        hivemind_compat.check_version()  # before anything that subclasses hivemind's internals is imported
         from peer import trainer  # heavy imports (torch, hivemind) after the flags are known to be sane
 
         trainer.run(cfg, explicit)

@@ -9,6 +9,7 @@ the run manifest (``manifest.py``), which joiners adopt from the swarm.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from peer.run.manifest import (
     DEFAULT_OUTER_MOMENTUM,
     MODES,
     OUTER_COMPRESSIONS,
+    RUN_ID_PATTERN,
 )
 from peer.run.presets import PRESET_NAMES
 from peer.swarm import addresses
@@ -266,4 +268,4 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def _is_run_id(value: str) -> bool:
-    return 1 <= len(value) <= 64 and all(c.isalnum() or c in "-_" for c in value)
+    return re.fullmatch(RUN_ID_PATTERN, value) is not None  # ASCII only: it prefixes DHT keys

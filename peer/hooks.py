@@ -15,12 +15,10 @@ from peer.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-TEST_VARIABLES = (
-    "BERTSWARM_TEST_PAUSE_FILE",
-    "BERTSWARM_TEST_NONFINITE_GRADS",
-    "BERTSWARM_TEST_LIE",
-    "BERTSWARM_TEST_WATCH_DIR",
-)
+# as peer.testing.faults reads them: the switches are on at "1", the paths whenever set
+TEST_SWITCHES = ("BERTSWARM_TEST_NONFINITE_GRADS", "BERTSWARM_TEST_LIE")
+TEST_PATHS = ("BERTSWARM_TEST_PAUSE_FILE", "BERTSWARM_TEST_WATCH_DIR")
+TEST_VARIABLES = TEST_PATHS + TEST_SWITCHES
 
 
 class NoHooks:
@@ -44,7 +42,8 @@ NO_HOOKS = NoHooks()
 
 def load(environ=os.environ):
     """``NO_HOOKS``, or the fault hooks of ``peer.testing.faults`` when a test variable is set."""
-    active = [name for name in TEST_VARIABLES if environ.get(name)]
+    active = [name for name in TEST_PATHS if environ.get(name)]
+    active += [name for name in TEST_SWITCHES if environ.get(name) == "1"]
     if not active:
         return NO_HOOKS
     try:

@@ -29,7 +29,7 @@ from peer.data.batches import BatchStream
 from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
 from peer.errors import InputError, UserError
 from peer.progress import Snapshot, StatusDisplay, Window
-from peer.run.manifest import RunManifest
+from peer.run.manifest import DEFAULT_RUN_ID, RunManifest, from_config
 from peer.run.model import build_model, count_parameters
 from peer.run.presets import PRESETS
 from peer.store.errors import CheckpointError, StateError
@@ -105,6 +105,8 @@ def prepare(cfg: PeerConfig) -> Prepared:
     except StateError as e:
         raise e.with_flag("--state-dir") from None
     tokenizer, documents = load_inputs(cfg.tokenizer, cfg.data)
+    # a setting outside the manifest's bounds is answered now, not after p2pd has started
+    from_config(cfg, cfg.run_id or DEFAULT_RUN_ID, tokenizer_fingerprint(tokenizer), tokenizer.get_vocab_size())
     train_documents, _heldout = corpus.split_heldout(documents)
     telemetry = PeerTelemetry()
     port = telemetry.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port is not None else None
@@ -174,6 +176,7 @@ class Trainer:
             "model: %s preset, %.2fM parameters on %s", run.preset, count_parameters(self.model) / 1e6, self.device
         )
 
+        self._gradient_bytes = 4 * count_parameters(self.model)  # fp32, as the sync mode averages them
         self.opt = self._make_optimizer(saved, init_epoch)
 
         self.batches = (
@@ -278,6 +281,8 @@ class Trainer:
         self.window.add(loss_value, samples)
         self.telemetry.samples.inc(samples)
         self.telemetry.epoch.set(self.opt.local_epoch)
+        if self.run.mode == "diloco":  # also right after a resume or a state download, before any round
+            self.telemetry.outer_step.set(self.opt.local_epoch)
 
     def report(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -356,7 +361,7 @@ class Trainer:
             self.telemetry.round_duration.observe(seconds)
             # a butterfly all-reduce sends and receives 2(n-1)/n of the (uncompressed fp32) gradient; an estimate,
             # hivemind counts no traffic
-            moved = int(2 * (group_size - 1) / group_size * 4 * count_parameters(self.model))
+            moved = int(2 * (group_size - 1) / group_size * self._gradient_bytes)
             self.telemetry.bytes_sent.inc(moved)
             self.telemetry.bytes_received.inc(moved)
 
@@ -364,8 +369,6 @@ class Trainer:
         self.rounds[report.outcome] += 1
         t = self.telemetry
         t.outer_rounds.labels(report.outcome).inc()
-        t.outer_step.set(self.opt.local_epoch)
-        t.epoch.set(self.opt.local_epoch)
         t.bytes_sent.inc(report.bytes_sent)
         t.bytes_received.inc(report.bytes_received)
         if report.outcome == "success":

@@ -148,7 +148,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise InputError(path, "no such file or directory; pass a vocab.txt, tokenizer.json or directory")
     tokenizer = _load_tokenizer_json(path) if path.suffix == ".json" else _load_vocab_txt(path)
-    TokenizerInfo.of(tokenizer)  # validates the special tokens
+    try:
+        TokenizerInfo.of(tokenizer)  # validates the special tokens
+    except UserError as e:
+        raise InputError(path, str(e)) from None
     return tokenizer
 
 

@@ -163,6 +163,16 @@ class RunSettings(Protocol):
 
 def from_config(cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab_size: int) -> RunManifest:
     """The manifest a peer *would* publish, from its own settings and preset defaults."""
+    try:
+        return _from_config(cfg, run_id, tokenizer_fingerprint, vocab_size)
+    except pydantic.ValidationError as e:  # a setting the config accepted but the manifest bounds (e.g. --inner-steps)
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "manifest"
+        flag = "--" + field.replace("_", "-") if field in RunManifest.model_fields and field != "model" else field
+        raise ManifestError(f"{flag}: {first['msg']}; pick a value in the allowed range") from None
+
+
+def _from_config(cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab_size: int) -> RunManifest:
     preset = PRESETS[cfg.preset]
     model = ModelSection(
         vocab_size=vocab_size,

@@ -34,6 +34,10 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
 
 
+def diloco_key(run_id: str) -> str:
+    return f"{run_id}_diloco"
+
+
 def checkpoints_key(run_id: str) -> str:
     return f"{run_id}_checkpoints"
 

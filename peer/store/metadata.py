@@ -120,10 +120,6 @@ class CheckpointMetadata(pydantic.BaseModel):
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def run_stamp(self) -> dict:
-        """What identifies the run, as :func:`run_stamp` makes it: to write more checkpoints of the same run."""
-        return {"run_id": self.run_id, "fingerprint": self.fingerprint, "manifest": self.manifest.to_dict()}
-
 
 def run_stamp(manifest: RunManifest) -> dict:
     """What identifies the run in ``bertswarm.json``: run id, manifest fingerprint and the manifest itself."""

@@ -69,7 +69,6 @@ from functools import partial
 import hivemind
 import torch
 from hivemind.compression import (
-    CompressionBase,
     CompressionInfo,
     NoCompression,
     ScaledFloat16Compression,
@@ -78,6 +77,8 @@ from hivemind.compression import (
 )
 from hivemind.utils import get_dht_time
 
+from peer.run import schema
+from peer.run.manifest import OUTER_COMPRESSIONS
 from peer.swarm import guards, hivemind_compat
 
 logger = logging.getLogger(__name__)
@@ -85,10 +86,10 @@ logger = logging.getLogger(__name__)
 # fp16 is ScaledFloat16: plain Float16Compression clamps at ±65504 and goes subnormal below 6e-5, where many
 # pseudo-gradient entries (~ H × lr) lie.
 PSEUDOGRAD_COMPRESSION = {"none": NoCompression, "fp16": ScaledFloat16Compression, "int8": Uniform8BitQuantization}
-PSEUDOGRAD_COMPRESSIONS = tuple(PSEUDOGRAD_COMPRESSION)
+PSEUDOGRAD_COMPRESSIONS = OUTER_COMPRESSIONS  # the manifest's choices; the dict above must cover exactly these
+assert set(PSEUDOGRAD_COMPRESSION) == set(OUTER_COMPRESSIONS)
 OUTCOMES = ("success", "solo", "failed", "reloaded")
 EPOCH_BITS = 16  # group key bits carrying the outer epoch (mod 2**16)
-RECORD_SUFFIX = "_diloco"
 
 
 # The hivemind subclasses of this mode live with bertswarm's other hivemind internals (every peer and the coordinator
@@ -190,7 +191,6 @@ class DiLoCo:
             agreement_every = 0 if compression == "none" and not overlap else 10
         self.dht, self.run_id, self.model = dht, run_id, model
         self.inner_steps, self.overlap, self.agreement_every = inner_steps, overlap, agreement_every
-        self.compression_name = compression
         self.matchmaking_time = matchmaking_time
         self.matchmaking_timeout = matchmaking_timeout if matchmaking_timeout is not None else 3 * matchmaking_time
         self.averaging_timeout, self.wait_for_peers = averaging_timeout, wait_for_peers
@@ -255,15 +255,15 @@ class DiLoCo:
         self.state_loads, self.last_state_load_seconds = 0, 0.0
         self._steps_since_load: int | None = None
         self._pending: Future | None = None
-        self._pending_started = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange") if overlap else None
 
-        self._record_key = f"{run_id}{RECORD_SUFFIX}"
+        self._record_key = schema.diloco_key(run_id)
         self._subkey = dht.peer_id.to_bytes()
         self._dht_lock = threading.Lock()
         # the round this peer takes part in next (or now, if ready): its outer epoch, or epoch + 1 once the
         # exchange of the current epoch is over (overlap: until the next boundary applies it)
         self._record = dict(round=0, ready=False, step=0)
+        self.others_seen = 0  # live peers of the run other than this one, as of the last read of the records
         self._stop = threading.Event()
         self._store_futures: list = []
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="diloco-heartbeat", daemon=True)
@@ -304,8 +304,6 @@ class DiLoCo:
         self.inner_step += 1
         if self._steps_since_load is not None:
             self._steps_since_load += 1
-        with self._dht_lock:
-            self._record["step"] = self.inner_step
         if self.inner_step < self.inner_steps:
             return None
         self.inner_step = 0
@@ -317,12 +315,17 @@ class DiLoCo:
         self._collect_discard()
         return self._reload(timeout)
 
-    def outer_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None], int]:
-        """Copies of (θ_outer, momentum buffers, outer epoch), taken together."""
+    def outer_state(self, copy: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor | None], int]:
+        """(θ_outer, momentum buffers, outer epoch), taken together; ``copy=False`` returns the live tensors (fine on
+        the training thread, which is the only one that steps them: the background exchange writes only the
+        pseudo-gradient buffers)."""
         with torch.no_grad(), self.state.lock_averaged_tensors:
-            params = [p.detach().clone() for p in self._outer]
+            params = [p.detach() for p in self._outer]
             momentum = [self.state.optimizer.state[p].get("momentum_buffer") for p in self._outer]
-            momentum = [m.detach().clone() if m is not None else None for m in momentum]
+            momentum = [m.detach() if m is not None else None for m in momentum]
+            if copy:
+                params = [p.clone() for p in params]
+                momentum = [m.clone() if m is not None else None for m in momentum]
             return params, momentum, self.state.local_epoch
 
     @torch.no_grad()
@@ -364,7 +367,7 @@ class DiLoCo:
                 logger.debug("exchange in flight at shutdown: %r", e)
             self._pending = None
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)  # the wait above is the bound
         self._heartbeat.join(timeout=5)
         with self._dht_lock:
             for future in self._store_futures:
@@ -404,7 +407,6 @@ class DiLoCo:
         for grad, outer, local, ref in zip(self._grads, self._outer, self._local, self._ref, strict=True):
             torch.sub(outer, grad, out=ref)
             local.copy_(ref)
-        self._pending_started = time.perf_counter()
         self._pending = self._executor.submit(self._exchange, self.outer_epoch)
         return report
 
@@ -557,9 +559,12 @@ class DiLoCo:
         with self._dht_lock:
             self._record.update(round=epoch, ready=True)
         self._publish(wait=True)
-        exchange = _Exchange("stale", epoch)
+        exchange = _Exchange("failed", epoch)
         try:
             exchange = self._match_and_average(epoch)
+            return exchange
+        except Exception as e:  # never let a round end training: fall back to the local pseudo-gradient
+            logger.warning("outer round %d: %r; stepping with the local pseudo-gradient", epoch, e)
             return exchange
         finally:
             exchange.seconds = time.perf_counter() - started
@@ -576,6 +581,8 @@ class DiLoCo:
             ready = [r == epoch and is_ready for r, is_ready in others]
             # still to come: peers training towards this round, and peers still in the previous round's exchange
             coming = [(r == epoch and not is_ready) or (r == epoch - 1 and is_ready) for r, is_ready in others]
+            if self._stop.is_set():  # this peer is leaving
+                return _Exchange("failed", epoch)
             if not any(coming) or time.monotonic() > deadline:
                 break
             time.sleep(min(0.2, self.heartbeat_period))
@@ -606,7 +613,7 @@ class DiLoCo:
 
     def _publish(self, wait: bool) -> None:
         with self._dht_lock:
-            record = dict(self._record, time=float(time.time()))
+            record = dict(self._record, step=self.inner_step, time=float(time.time()))
             expiration = get_dht_time() + 3 * self.heartbeat_period
             self._store_futures = [f for f in self._store_futures if not f.done()]
             future = self.dht.store(self._record_key, record, expiration, subkey=self._subkey, return_future=True)
@@ -627,6 +634,7 @@ class DiLoCo:
             logger.debug("reading progress records failed: %r", e)
             return []
         if found is None or not isinstance(found.value, dict):
+            self.others_seen = 0
             return []
         records = []
         for subkey, entry in found.value.items():
@@ -636,12 +644,15 @@ class DiLoCo:
             round_, ready = value.get("round"), value.get("ready")
             if isinstance(round_, int) and 0 <= round_ <= guards.MAX_EPOCH and isinstance(ready, bool):
                 records.append((round_, ready))
+        self.others_seen = len(records)
         return records
 
     def _heartbeat_loop(self) -> None:
+        """Refresh this peer's record and count the others' (for the status line, off the training thread)."""
         while not self._stop.wait(self.heartbeat_period):
             try:
                 self._publish(wait=False)
+                self._read_records()
             except Exception as e:  # the DHT may be shutting down
                 logger.debug("progress heartbeat failed: %r", e)
 
@@ -659,7 +670,3 @@ def trained_parameters(model: torch.nn.Module) -> tuple[tuple[str, ...], tuple[t
 
 def _epoch_bits(epoch: int) -> str:
     return format(epoch % 2**EPOCH_BITS, f"0{EPOCH_BITS}b")
-
-
-def pseudograd_compression(name: str) -> CompressionBase:
-    return PSEUDOGRAD_COMPRESSION[name]()

@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import hivemind
 import torch
 
 from peer.run.manifest import RunManifest
-from peer.swarm.diloco import DiLoCo, RoundReport
+from peer.swarm.diloco import DiLoCo, RoundReport, trained_parameters
 from peer.swarm.optim import SwarmProgress, lr_lambda, optimizer_factory, param_groups
 
 logger = logging.getLogger(__name__)
@@ -34,14 +33,6 @@ OUTER_MOMENTUM_KEY = "outer_momentum"  # saved next to the inner moments of each
 # group's members arrive within a DHT round trip of each other; hivemind waits the whole window even when everyone is
 # there (measured: a 3 s window was 22 % of the loop on loopback, docs/performance.md). A third of --matchmaking-time.
 OUTER_MATCHMAKING_SHARE = 1 / 3
-
-
-@dataclass
-class OuterRoundTotals:
-    """What the trainer's metrics need from the outer rounds (bytes are estimates, see ``peer.swarm.diloco``)."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 class DiLoCoOptimizer:
@@ -121,12 +112,7 @@ class DiLoCoOptimizer:
                 f", last round {last.outcome} ({last.group_size} peer{'s' if last.group_size != 1 else ''}) in "
                 f"{last.seconds:.1f}s, {(last.bytes_sent + last.bytes_received) / 1e6:.1f} MB"
             )
-        peers = 1 + len(self.engine._read_records())
-        return SwarmProgress(peers=peers, text=text)
-
-    @property
-    def totals(self) -> OuterRoundTotals:
-        return OuterRoundTotals(self.engine.bytes_sent, self.engine.bytes_received)
+        return SwarmProgress(peers=1 + self.engine.others_seen, text=text)
 
     def cancel_matchmaking(self) -> bool:
         return False  # an outer round is bounded by its own timeouts; the stop deadline covers the rest
@@ -137,15 +123,18 @@ class DiLoCoOptimizer:
     def model_state_for_save(self) -> dict[str, torch.Tensor]:
         """θ_outer by parameter name (what a restart resumes from; the inner progress since the last round is not
         kept)."""
-        params, _, _ = self.engine.outer_state()
-        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
+        params, _, _ = self.engine.outer_state(copy=False)  # written to disk at once, on the training thread
+        names, _ = trained_parameters(self.model)
         return dict(zip(names, params, strict=True))
 
     def state_dict(self) -> dict:
-        """``{"state": {index: {name: tensor}}, "param_groups": ...}``: the inner moments and the outer momentum."""
+        """``{"state": {index: {name: tensor}}, "param_groups": ...}``: the inner moments and, under the same
+        parameter's index, its outer momentum."""
         state = self.opt.state_dict()
-        _, momentum, _ = self.engine.outer_state()
-        for index, buffer in enumerate(momentum):
+        # torch's per-parameter dicts are the live ones: add the outer momentum to copies
+        state["state"] = {index: dict(entries) for index, entries in state["state"].items()}
+        _, momentum, _ = self.engine.outer_state(copy=False)
+        for index, buffer in zip(self._inner_indices(), momentum, strict=True):
             if buffer is not None:
                 state["state"].setdefault(index, {})[OUTER_MOMENTUM_KEY] = buffer
         return state
@@ -153,10 +142,16 @@ class DiLoCoOptimizer:
     def load_state_dict(self, state: dict, *, epoch: int) -> None:
         """Resume: the model already holds the saved θ_outer; restore the inner moments, the outer momentum and
         the outer epoch."""
-        momentum = [entries.pop(OUTER_MOMENTUM_KEY, None) for _, entries in sorted(state["state"].items())]
+        momentum = [state["state"].get(index, {}).pop(OUTER_MOMENTUM_KEY, None) for index in self._inner_indices()]
         self.opt.load_state_dict(state)
-        self.engine.restore(momentum if any(m is not None for m in momentum) else None, epoch)
+        self.engine.restore(momentum, epoch)
         self._set_lr()
+
+    def _inner_indices(self) -> list[int]:
+        """The inner optimizer's state index of each outer parameter, in the engine's order (its param groups put
+        the weight-decayed parameters first, the engine follows ``named_parameters``)."""
+        index = {id(p): i for i, p in enumerate(p for group in self.opt.param_groups for p in group["params"])}
+        return [index[id(p)] for p in trained_parameters(self.model)[1]]
 
     def start_at(self, epoch: int) -> None:
         """``--init-from``: the model holds the checkpoint's weights; the run continues at its outer step."""

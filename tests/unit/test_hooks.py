@@ -29,3 +29,7 @@ def test_missing_hooks_are_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "peer.testing", None)  # as in the wheel, which leaves peer.testing out
     with pytest.raises(UserError, match="BERTSWARM_TEST_LIE is set, but this installation has no test hooks"):
         hooks.load(environ={"BERTSWARM_TEST_LIE": "1"})
+
+
+def test_a_switch_set_to_0_loads_no_hooks():
+    assert hooks.load(environ={"BERTSWARM_TEST_LIE": "0", "BERTSWARM_TEST_NONFINITE_GRADS": ""}) is hooks.NO_HOOKS

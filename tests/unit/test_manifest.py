@@ -72,3 +72,15 @@ def test_manifest_fields_are_typed_and_bounded(field, value):
     data["model"]["hidden_size"] = -1
     with pytest.raises(ManifestError, match="model.hidden_size"):
         RunManifest.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "setting, value, flag",
+    [("inner_steps", 200_000, "--inner-steps"), ("weight_decay", 20.0, "--weight-decay"),
+     ("target_batch_size", 10**9, "--target-batch-size")],
+)  # fmt: skip
+def test_a_setting_beyond_the_manifest_bounds_is_a_one_line_error_naming_the_flag(setting, value, flag):
+    from peer.run.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match=rf"^{flag}: Input should be less than or equal to"):
+        make(**{setting: value})
