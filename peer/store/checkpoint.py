@@ -5,7 +5,7 @@ Layout of a checkpoint root (``--checkpoint-dir``)::
     <root>/epoch-000123/        the weights after the swarm's global step (epoch) 123
         config.json             the model's transformers ``BertConfig`` (with ``architectures``)
         model.safetensors       the weights, tied duplicates dropped as ``save_pretrained`` does; never pickle
-        tokenizer.json vocab.txt tokenizer_config.json special_tokens_map.json
+        tokenizer.json vocab.txt tokenizer_config.json   (written by transformers' save_pretrained, plus vocab.txt)
         bertswarm.json          run id, manifest and its fingerprint, epoch, samples, eval metrics, sha256 of weights
     <root>/latest               text: the name of the checkpoint written last, e.g. ``epoch-000123``
     <root>/.lock                flock held by the one process writing checkpoints here

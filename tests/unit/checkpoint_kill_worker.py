@@ -8,7 +8,8 @@ Writes ``epoch-000001`` under ROOT completely, then ``epoch-000002`` with ``keep
 nowhere and prints the steps, in order, as a JSON list of names.
 
 The weights, config, tokenizer and run of SOURCE (a checkpoint written by the test) are reused through
-``write_state_checkpoint``, so the worker imports neither transformers nor hivemind and starts in ~1.5 s.
+``write_state_checkpoint``, so the worker imports no hivemind and builds no model; transformers is imported only to
+write the tokenizer files (``save_pretrained``).
 """
 
 from __future__ import annotations
