@@ -455,7 +455,7 @@ class DiLoCo:
             report.outcome == "success"
             and self.agreement_every > 0
             and self.outer_epoch % self.agreement_every == 0
-            and self._agree(self.outer_epoch)
+            and self._agree(self.outer_epoch, report.group_size)
         ):
             report.agreed = True
             report.bytes_sent += int(2 * (report.group_size - 1) / report.group_size * self._state_bytes)
@@ -538,10 +538,12 @@ class DiLoCo:
                     buffer.copy_(loaded)
                     self.state.optimizer.state[param]["momentum_buffer"] = buffer
 
-    def _agree(self, epoch: int) -> bool:
-        """Exact average of θ_outer and momentum with the peers of this epoch; True if a group did it."""
+    def _agree(self, epoch: int, group_size: int) -> bool:
+        """Exact average of θ_outer and momentum with the peers of this epoch (``group_size``: the round's group, who
+        are expected); True if a group did it."""
         try:
             self.state.set_group_bits(_epoch_bits(epoch))
+            self.state.expect_group_size(group_size)
             control = hivemind_compat.average_tensors_once(
                 self.state, gather=dict(epoch=epoch), weight=1.0, timeout=self.matchmaking_timeout
             )
@@ -591,6 +593,9 @@ class DiLoCo:
                 logger.info("outer round %d: the other peers did not reach the boundary in time; stepping alone", epoch)
             return _Exchange("solo", epoch)
         self.pseudograd.set_group_bits(_epoch_bits(epoch))
+        # the group forms once every peer at the boundary is in it, not after the whole matchmaking window; a peer that
+        # is ready on record but never comes (it crashed) costs the window, and the others average without it
+        self.pseudograd.expect_group_size(1 + sum(ready))
         control = self.pseudograd.step(
             gather=dict(epoch=epoch), weight=1.0, timeout=self.matchmaking_timeout, wait=False
         )

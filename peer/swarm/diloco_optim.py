@@ -29,10 +29,6 @@ from peer.swarm.optim import SwarmProgress, lr_lambda, optimizer_factory, param_
 logger = logging.getLogger(__name__)
 
 OUTER_MOMENTUM_KEY = "outer_momentum"  # saved next to the inner moments of each parameter in <state-dir>
-# A DiLoCo peer starts matchmaking only once the progress records say its groupmates are at the boundary too, so the
-# group's members arrive within a DHT round trip of each other; hivemind waits the whole window even when everyone is
-# there (measured: a 3 s window was 22 % of the loop on loopback, docs/performance.md). A third of --matchmaking-time.
-OUTER_MATCHMAKING_SHARE = 1 / 3
 
 
 class DiLoCoOptimizer:
@@ -63,7 +59,7 @@ class DiLoCoOptimizer:
             outer_momentum=manifest.outer_momentum,
             compression=manifest.outer_compression,
             overlap=manifest.outer_overlap,
-            matchmaking_time=max(0.5, matchmaking_time * OUTER_MATCHMAKING_SHARE),
+            matchmaking_time=matchmaking_time,
             averaging_timeout=averaging_timeout,
             load_state_timeout=max(60.0, 4 * averaging_timeout),
             on_round=on_round,

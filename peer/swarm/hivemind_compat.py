@@ -10,8 +10,9 @@ adapt, rerun the unit and integration tests, then add the version.
 - ``HookedOptimizer`` / ``FilteredProgressTracker``: hivemind subclasses that turn the private steps bertswarm needs
   into public hooks (``peer.swarm.optim.SwarmOptimizer`` and ``peer.swarm.guards.BoundedProgressTracker`` use them).
 - ``PseudoGradientAverager`` / ``OuterStateAverager``: the averagers of ``--mode diloco`` (``peer.swarm.diloco``), with
-  hivemind's per-class RPC handler cache reset and a consistent state snapshot for joiners;
-  ``apply_offloaded_parameters`` copies the outer parameters into the model.
+  hivemind's per-class RPC handler cache reset, a consistent state snapshot for joiners, and
+  ``expect_group_size`` (a group forms as soon as the peers known to be at the boundary have joined, instead of after
+  the whole matchmaking window); ``apply_offloaded_parameters`` copies the outer parameters into the model.
 - ``shutdown_dht``, ``keep_request_futures``: DHT shutdown without the tracebacks hivemind prints on every exit.
 - ``sync_lr_schedule``: the LR scheduler to the averager's epoch now (hivemind does it lazily).
 - ``configure_logging``: hivemind's log level, and silence for its benign shutdown races and LR-scheduler warning
@@ -197,10 +198,27 @@ def _build_filtered_progress_tracker():
     return FilteredProgressTracker
 
 
+class _ExpectGroupSize:
+    """Early group assembly for averagers whose caller knows how many peers will come (DiLoCo: the progress records
+    say which peers are at the boundary). hivemind's leader assembles its group as soon as ``target_group_size`` peers
+    have joined, else when its ``min_matchmaking_time`` window ends; with no target (bertswarm's averagers set none,
+    as groups are keyed by outer epoch) every round waited out the whole window even when all peers were there."""
+
+    def expect_group_size(self, size: int | None) -> None:
+        """The next rounds assemble as soon as ``size`` peers (this one included) are in the group; None: wait out
+        the window. Ordered before any later ``step`` (one command pipe, handled in order); no reply is awaited."""
+        if size is not None and size < 1:
+            raise ValueError(f"group size must be >= 1, not {size}")
+        self._outer_pipe.send(("_expect_group_size", [size], {}))
+
+    async def _expect_group_size(self, size: int | None) -> None:  # in the averager's process
+        self._matchmaking.target_group_size = size
+
+
 def _build_pseudo_gradient_averager():
     from hivemind.averaging import DecentralizedAverager
 
-    class PseudoGradientAverager(DecentralizedAverager):
+    class PseudoGradientAverager(_ExpectGroupSize, DecentralizedAverager):
         """DiLoCo: averages the outer parameters' ``.grad`` buffers (the pseudo-gradients) with a group of peers."""
 
         # hivemind caches RPC handlers per class; without these a subclass may reuse its parent's (wrong) handler names
@@ -215,7 +233,7 @@ def _build_outer_state_averager():
     from hivemind.compression import CompressionInfo, TensorRole
     from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
-    class OuterStateAverager(TrainingStateAverager):
+    class OuterStateAverager(_ExpectGroupSize, TrainingStateAverager):
         """DiLoCo: holds θ_outer, the outer momentum and the outer epoch; serves them to joiners as one consistent
         snapshot (``get_current_state`` overridden: hivemind's hands out live shared tensors, read later while this
         peer may be stepping, and reads the epoch outside the lock)."""
