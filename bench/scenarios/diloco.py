@@ -3,10 +3,13 @@ scenario's tbf-limited veth pair (10, 20, 100 Mbit/s): samples/s, compute utilis
 same samples, bytes on the link per sample (``tx_bytes`` of the veth ends, exact), helper CPU; and the variants that
 choose the defaults: H, ``outer_overlap``, ``outer_compression``.
 
-Same samples: every arm trains ``INNER`` steps of ``batch`` samples per peer (DDP: ``INNER`` steps of the global
-batch ``peers × batch``, so the same per-step compute and schedule: the LR schedule counts inner steps in diloco, global
-steps in DDP). The DDP arms on the slow links, which only give samples/s and bytes, take a few steps: their rate is
-steady from the second step on. Root is needed for the link arms (otherwise only the loopback arms run)."""
+Same samples: on loopback every arm trains ``INNER`` steps of ``batch`` samples per peer (DDP: ``INNER`` steps of the
+global batch ``peers × batch``, so the same per-step compute and schedule: the LR schedule counts inner steps in
+diloco, global steps in DDP); that is 8 outer rounds at the default H=64, long enough that the comparison is not one
+outer step against 64 steps of training. The main diloco arms use the product's defaults (H and compression). The
+slow-link arms, which only give samples/s, utilisation and bytes, are shorter (DDP: a few steps; its rate is steady
+from the second step on); the options (overlap, fp16, int8) are measured against H=16 without them at 20 Mbit/s, on
+the same (shorter) samples. Root is needed for the link arms (otherwise only the loopback arms run)."""
 
 from __future__ import annotations
 
@@ -15,20 +18,28 @@ import statistics
 
 from bench import arms
 from bench.scenarios import slowlink, throughput
+from peer.run.manifest import DEFAULT_INNER_STEPS, DEFAULT_OUTER_COMPRESSION
 
 NAME = "diloco"
 TITLE = "8. DiLoCo: diloco swarm vs DDP-gloo on loopback and over tbf-limited veth"
 
 PEERS = 2
 BASE = dict(preset="tiny", seq_len=64, batch=16, target=PEERS * 16, warmup=8)
-INNER = 64  # inner steps per peer in every diloco arm (and DDP steps of the quality reference)
-H_DEFAULT = 64  # the product's DEFAULT_INNER_STEPS when this was written; the arms pin it (H is a manifest field)
-H_SHORT = 16  # the variants (overlap, compression) need several rounds within INNER steps
+H = DEFAULT_INNER_STEPS  # the product's defaults are the arms that answer the goals (H and compression are manifest
+COMPRESSION = DEFAULT_OUTER_COMPRESSION  # fields, so the arms pin them)
+INNER = 512  # loopback: inner steps per peer (diloco) = DDP steps; 8 outer rounds at H=64, for quality and speed
+INNER_LINK = 128  # slow links: two rounds at H=64 give samples/s, utilisation and bytes
+H_SHORT = 16  # the H=16 arms, and the options measured against H=16 without them at 20 Mbit/s
+INNER_OPTIONS = 64  # 4 rounds at H=16
 DDP_STEPS = {10: 3, 20: 3, 100: 4}  # DDP on a slow link: ~6 MB all-reduced per step
 GOALS_RATIO = {10: ">= 1.8", 20: ">= 1.5", 100: ">= 1.0", "loopback": ">= 1.0"}
 
 
-def diloco_cfg(h: int, inner: int, compression: str = "none", overlap: bool = False) -> dict:
+def arm_name(h: int, compression: str, overlap: bool = False) -> str:
+    return f"diloco_h{h}_{compression}" + ("_overlap" if overlap else "")
+
+
+def diloco_cfg(h: int, inner: int, compression: str, overlap: bool = False) -> dict:
     return BASE | dict(train_mode="diloco", inner_steps=h, steps=inner // h, outer_compression=compression,
                        outer_overlap=overlap, eval=True)  # fmt: skip
 
@@ -37,28 +48,32 @@ def ddp_cfg(steps: int, evaluate: bool) -> dict:
     return BASE | dict(steps=steps, eval=evaluate)
 
 
+def sizes(quick: bool) -> tuple[int, int, int]:
+    """(H of the main arms, loopback steps, slow-link inner steps)."""
+    return (H_SHORT, 2 * H_SHORT, 2 * H_SHORT) if quick else (H, INNER, INNER_LINK)
+
+
 def plan(quick: bool, have_link: bool) -> list[tuple[object, str, dict]]:
     """``(link, arm, cfg)``: ``link`` is ``"loopback"`` or a rate in Mbit/s; arms of one link run back to back."""
-    inner = 32 if quick else INNER
-    h = H_SHORT if quick else H_DEFAULT
+    h, inner, inner_link = sizes(quick)
     out: list[tuple[object, str, dict]] = [
         ("loopback", "ddp", ddp_cfg(inner, evaluate=True)),
-        ("loopback", f"diloco_h{h}", diloco_cfg(h, inner)),
+        ("loopback", arm_name(h, COMPRESSION), diloco_cfg(h, inner, COMPRESSION)),
     ]
+    if not quick:  # the same samples at a quarter of the default H: what H costs in quality and speed
+        out.append(("loopback", arm_name(H_SHORT, COMPRESSION), diloco_cfg(H_SHORT, inner, COMPRESSION)))
     if not have_link:
         return out
-    rates = (20,) if quick else (20, 10, 100)
-    for rate in rates:
-        out += [(rate, "ddp", ddp_cfg(DDP_STEPS[rate], evaluate=False)), (rate, f"diloco_h{h}", diloco_cfg(h, inner))]
+    for rate in (20,) if quick else (20, 10, 100):
+        out += [(rate, "ddp", ddp_cfg(DDP_STEPS[rate], evaluate=False)),
+                (rate, arm_name(h, COMPRESSION), diloco_cfg(h, inner_link, COMPRESSION))]  # fmt: skip
         if rate == 20 and not quick:
             out += [
-                (rate, f"diloco_h{H_SHORT}", diloco_cfg(H_SHORT, inner)),
-                (rate, f"diloco_h{H_SHORT}_overlap", diloco_cfg(H_SHORT, inner, overlap=True)),
-                (rate, f"diloco_h{H_SHORT}_fp16", diloco_cfg(H_SHORT, inner, compression="fp16")),
-                (rate, f"diloco_h{H_SHORT}_int8", diloco_cfg(H_SHORT, inner, compression="int8")),
+                (rate, arm_name(H_SHORT, "none"), diloco_cfg(H_SHORT, INNER_OPTIONS, "none")),
+                (rate, arm_name(H_SHORT, "none", True), diloco_cfg(H_SHORT, INNER_OPTIONS, "none", overlap=True)),
+                (rate, arm_name(H_SHORT, "fp16"), diloco_cfg(H_SHORT, INNER_OPTIONS, "fp16")),
+                (rate, arm_name(H_SHORT, "int8"), diloco_cfg(H_SHORT, INNER_OPTIONS, "int8")),
             ]
-        elif rate == 20:
-            out.append((rate, f"diloco_h{h}_overlap", diloco_cfg(h, inner, overlap=True)))
     return out
 
 
@@ -134,18 +149,21 @@ def run(workdir, reps: int, quick: bool) -> dict:
     finally:
         if link is not None:
             link.__exit__()
-    h, inner = (H_SHORT, 32) if quick else (H_DEFAULT, INNER)
+    h, inner, inner_link = sizes(quick)
     rows = build_rows(raw, reps, h, quick)
     notes = [
         f"tiny preset (1.5 M parameters, 6.1 MB fp32 pseudo-gradient), {BASE['seq_len']} tokens, {PEERS} peers/ranks "
-        f"with 1 thread each, per-peer batch {BASE['batch']}, DDP global batch {BASE['target']}; every diloco arm "
-        f"and the DDP quality reference train {inner} steps (= {inner * BASE['target']} samples); "
-        "held-out MLM loss of the final model (diloco: θ_outer after the last round, mean of the peers). "
+        f"with 1 thread each, per-peer batch {BASE['batch']}, DDP global batch {BASE['target']}. Loopback: every "
+        f"diloco arm and the DDP reference train {inner} steps (= {inner * BASE['target']} samples); slow links: "
+        f"diloco {inner_link} inner steps, DDP {'/'.join(str(v) for v in DDP_STEPS.values())} steps at "
+        f"{'/'.join(str(k) for k in DDP_STEPS)} Mbit/s; the options at H={H_SHORT}: {INNER_OPTIONS} inner steps. "
+        "Held-out MLM loss of the final model (diloco: θ_outer after the last round, mean of the peers). "
         "The mini preset would not fit the time budget on 2 shared cores (~4× the compute per sample of tiny).",
         "'sync' is DDP-gloo on loopback: gradients of the global batch averaged every step with the run's optimizer "
         "and schedule — the synchronous swarm's math without its matchmaking. diloco arms use the product's "
-        "`Trainer` with `mode=diloco`, outer Nesterov SGD (lr 0.7, momentum 0.9), the product's matchmaking_time "
-        "(3 s, of which outer rounds use a third) and averaging_timeout (30 s).",
+        f"`Trainer` with `mode=diloco`, H={h} and `outer_compression` {COMPRESSION} (the product's defaults) unless "
+        "the arm's name says otherwise, outer Nesterov SGD (lr 0.7, momentum 0.9), the product's matchmaking_time "
+        "(3 s; a round's group forms as soon as the peers at the boundary are in it) and averaging_timeout (30 s).",
         "samples/s: diloco from the end of each peer's first inner step to the end of its last (which includes the "
         "final outer round); DDP from its first step on. Utilisation: forward/backward wall time ÷ wall time of "
         "the training loop, mean of the peers. Link bytes: `tx_bytes` of both veth ends during the training loop "
@@ -157,7 +175,8 @@ def run(workdir, reps: int, quick: bool) -> dict:
         notes.append("Failed arms / rounds not 'success': " + "; ".join(failures[:20]) + ".")
     else:
         notes.append("Every outer round of every diloco arm ended 'success' (2 peers); no arm failed.")
-    return {"config": {**BASE, "inner": INNER, "h": h, "plan": [[str(a), b, c] for a, b, c in arm_plan]},
+    config = {**BASE, "inner": inner, "inner_link": inner_link, "h": h, "compression": COMPRESSION}
+    return {"config": config | {"plan": [[str(a), b, c] for a, b, c in arm_plan]},
             "rows": rows, "raw": raw, "failures": failures, "notes": notes}  # fmt: skip
 
 
@@ -196,58 +215,69 @@ def build_rows(raw: dict, reps: int, h: int, quick: bool) -> list[dict]:
     def ratios(a: str, b: str, field: str) -> list:
         return [ratio(x, y) for x, y in zip(values(a, field), values(b, field), strict=False)]
 
-    base = f"diloco_h{h}"
+    base = arm_name(h, COMPRESSION)
+    label = f"H={h}, {COMPRESSION}"
     rows = []
     for lk in ("loopback", 10, 20, 100):
         if f"{lk}/{base}" not in raw:
             continue
         name = "loopback" if lk == "loopback" else f"{lk} Mbit/s"
-        rows.append({"metric": f"{name}: diloco (H={h}) ÷ DDP samples/s", "goal": GOALS_RATIO[lk],
+        rows.append({"metric": f"{name}: diloco ({label}) ÷ DDP samples/s", "goal": GOALS_RATIO[lk],
                      "values": ratios(f"{lk}/{base}", f"{lk}/ddp", "samples_per_s")})  # fmt: skip
-        rows.append({"metric": f"{name}: diloco (H={h}) samples/s", "unit": "samples/s",
+        rows.append({"metric": f"{name}: diloco ({label}) samples/s", "unit": "samples/s",
                      "values": values(f"{lk}/{base}", "samples_per_s")})  # fmt: skip
         rows.append({"metric": f"{name}: DDP samples/s", "unit": "samples/s",
                      "values": values(f"{lk}/ddp", "samples_per_s")})  # fmt: skip
-        rows.append({"metric": f"{name}: compute utilisation, diloco (H={h})", "goal": ">= 0.90" if lk == 20 else None,
+        rows.append({"metric": f"{name}: compute utilisation, diloco ({label})",
+                     "goal": ">= 0.90" if lk == 20 else None,
                      "values": values(f"{lk}/{base}", "utilisation")})  # fmt: skip
-        rows.append({"metric": f"{name}: diloco (H={h}) outer round, seconds the trainer waited (median of rounds)",
+        rows.append({"metric": f"{name}: diloco ({label}) outer round, seconds the trainer waited (median of rounds)",
                      "unit": "s", "values": values(f"{lk}/{base}", "blocked_s")})  # fmt: skip
         if lk != "loopback":
-            rows.append({"metric": f"{name}: link bytes per sample, DDP ÷ diloco (H={h})", "goal": f">= {h / 2:g}",
+            rows.append({"metric": f"{name}: link bytes per sample, DDP ÷ diloco ({label})", "goal": f">= {h / 2:g}",
                          "values": ratios(f"{lk}/ddp", f"{lk}/{base}", "link_bytes_per_sample")})  # fmt: skip
-    rows.append({"metric": f"held-out MLM loss, diloco (H={h}, none) ÷ sync, same samples", "goal": "<= 1.03",
+    rows.append({"metric": f"held-out MLM loss, diloco ({label}) ÷ sync, same samples", "goal": "<= 1.03",
                  "values": ratios(f"loopback/{base}", "loopback/ddp", "heldout_loss")})  # fmt: skip
     rows.append({"metric": "diloco: forward/backward seconds per inner step (per peer, loopback)", "unit": "s",
                  "values": values(f"loopback/{base}", "inner_step_compute_s")})  # fmt: skip
     rows.append({"metric": "held-out MLM loss, sync (DDP)", "values": values("loopback/ddp", "heldout_loss")})
-    rows.append({"metric": f"held-out MLM loss, diloco (H={h})", "values": values(f"loopback/{base}", "heldout_loss")})
-    rows.append({"metric": f"diloco (H={h}, loopback): helper CPU ÷ training-thread CPU", "goal": "<= 0.15",
+    rows.append(
+        {"metric": f"held-out MLM loss, diloco ({label})", "values": values(f"loopback/{base}", "heldout_loss")}
+    )
+    rows.append({"metric": f"diloco ({label}, loopback): helper CPU ÷ training-thread CPU", "goal": "<= 0.15",
                  "values": values(f"loopback/{base}", "helper_cpu_ratio")})  # fmt: skip
     if f"20/{base}" in raw:
         estimate = zip(values(f"20/{base}", "telemetry_bytes_sent"), values(f"20/{base}", "link_tx_bytes"), strict=True)
-        rows.append({"metric": f"20 Mbit/s: Trainer's bytes_sent counter ÷ measured link bytes, diloco (H={h})",
+        rows.append({"metric": f"20 Mbit/s: Trainer's bytes_sent counter ÷ measured link bytes, diloco ({label})",
                      "values": [ratio(t, b) for t, b in estimate]})  # fmt: skip
-    if f"20/diloco_h{H_SHORT}" in raw and not quick:
-        short = f"20/diloco_h{H_SHORT}"
+    short = f"loopback/{arm_name(H_SHORT, COMPRESSION)}"
+    if short in raw and h != H_SHORT:
         rows += [
-            {"metric": f"held-out loss, diloco H={H_SHORT} ÷ sync", "goal": "<= 1.03",
+            {"metric": f"held-out loss, diloco (H={H_SHORT}, {COMPRESSION}) ÷ sync, same samples", "goal": "<= 1.03",
              "values": ratios(short, "loopback/ddp", "heldout_loss")},
-            {"metric": f"20 Mbit/s: diloco H={H_SHORT} ÷ DDP samples/s",
-             "values": ratios(short, "20/ddp", "samples_per_s")},
-            {"metric": f"20 Mbit/s: compute utilisation, diloco H={H_SHORT}", "values": values(short, "utilisation")},
-            {"metric": f"20 Mbit/s: link bytes per sample, DDP ÷ diloco H={H_SHORT}", "goal": f">= {H_SHORT / 2:g}",
-             "values": ratios("20/ddp", short, "link_bytes_per_sample")},
+            {"metric": f"loopback samples/s, diloco H={H_SHORT} ÷ H={h}",
+             "values": ratios(short, f"loopback/{base}", "samples_per_s")},
         ]  # fmt: skip
-    for variant in ("overlap", "fp16", "int8"):
-        key = f"20/diloco_h{H_SHORT}_{variant}"
+    ref = f"20/{arm_name(H_SHORT, 'none')}"
+    if ref in raw:
+        rows += [
+            {"metric": f"20 Mbit/s: compute utilisation, diloco (H={H_SHORT}, none)",
+             "values": values(ref, "utilisation")},
+            {"metric": f"20 Mbit/s: link bytes per sample, DDP ÷ diloco (H={H_SHORT}, none)",
+             "goal": f">= {H_SHORT / 2:g}", "values": ratios("20/ddp", ref, "link_bytes_per_sample")},
+        ]  # fmt: skip
+    for key, what in (
+        (arm_name(H_SHORT, "none", True), "outer_overlap true ÷ false"),
+        (arm_name(H_SHORT, "fp16"), "outer_compression fp16 ÷ none"),
+        (arm_name(H_SHORT, "int8"), "outer_compression int8 ÷ none"),
+    ):
+        key = f"20/{key}"
         if key not in raw:
             continue
-        ref = f"20/diloco_h{H_SHORT}"
-        what = "outer_overlap true ÷ false" if variant == "overlap" else f"outer_compression {variant} ÷ none"
         rows.append({"metric": f"held-out loss (H={H_SHORT}), {what}", "values": ratios(key, ref, "heldout_loss")})
         rows.append({"metric": f"20 Mbit/s samples/s (H={H_SHORT}), {what}",
                      "values": ratios(key, ref, "samples_per_s")})  # fmt: skip
-        if variant == "overlap":
+        if "overlap" in what:
             rows.append({"metric": f"20 Mbit/s: compute utilisation, diloco H={H_SHORT} with overlap",
                          "values": values(key, "utilisation")})  # fmt: skip
         else:

@@ -211,15 +211,21 @@ def test_net_tx_bytes_sums_the_non_loopback_interfaces(tmp_path):
 
 def test_diloco_scenario_arms_train_the_same_samples_and_rows_take_ratios_per_repetition():
     from bench.scenarios import diloco
+    from peer.run.manifest import DEFAULT_INNER_STEPS, DEFAULT_OUTER_COMPRESSION
 
-    for link, _arm, cfg in diloco.plan(quick=False, have_link=True):
-        if cfg.get("train_mode") == "diloco":  # peers × inner steps × batch == DDP steps × global batch
-            assert cfg["steps"] * cfg["inner_steps"] == diloco.INNER and cfg["target"] == diloco.PEERS * cfg["batch"]
-        elif link == "loopback":
-            assert cfg["steps"] == diloco.INNER and cfg["eval"]
-    assert [a for lk, a, _ in diloco.plan(quick=True, have_link=False)] == ["ddp", "diloco_h16"]
+    plan = diloco.plan(quick=False, have_link=True)
+    for link, arm, cfg in plan:
+        if link == "loopback":  # peers × inner steps × batch == DDP steps × global batch
+            steps = cfg["steps"] * cfg.get("inner_steps", 1)
+            assert steps == diloco.INNER and cfg["eval"] and cfg["target"] == diloco.PEERS * cfg["batch"], arm
+        elif arm.startswith(f"diloco_h{diloco.H_SHORT}_"):  # the options and their reference: the same samples
+            assert cfg["steps"] * cfg["inner_steps"] == diloco.INNER_OPTIONS, arm
+    main = diloco.arm_name(diloco.H, diloco.COMPRESSION)
+    assert {(lk, a) for lk, a, _ in plan} >= {("loopback", main), (20, main), (10, main), (100, main)}
+    assert (diloco.H, diloco.COMPRESSION) == (DEFAULT_INNER_STEPS, DEFAULT_OUTER_COMPRESSION)  # the product's
+    assert [a for lk, a, _ in diloco.plan(quick=True, have_link=False)] == ["ddp", f"diloco_h16_{diloco.COMPRESSION}"]
 
-    cfg = diloco.diloco_cfg(16, 32)
+    cfg = diloco.diloco_cfg(16, 32, "none")
     records = [
         {"inner_times": [0.0, 1.0, 2.0], "compute_s": 1.0, "phases": {"peers_ready": 0, "trained": 2.0},
          "heldout_loss": 7.0, "link_tx_bytes": 960, "telemetry_bytes_sent": 500, "outer_epoch": 2,
@@ -233,9 +239,12 @@ def test_diloco_scenario_arms_train_the_same_samples_and_rows_take_ratios_per_re
 
     raw = {
         "loopback/ddp": [{"samples_per_s": 10.0, "heldout_loss": 7.0}, {"error": "boom"}],
-        "loopback/diloco_h64": [{"samples_per_s": 12.0, "heldout_loss": 7.07, "utilisation": 0.9}] * 2,
+        "loopback/diloco_h64_int8": [{"samples_per_s": 12.0, "heldout_loss": 7.07, "utilisation": 0.9}] * 2,
+        "20/diloco_h16_none": [{"samples_per_s": 8.0, "heldout_loss": 7.0}] * 2,
+        "20/diloco_h16_none_overlap": [{"samples_per_s": 10.0, "heldout_loss": 7.7}] * 2,
     }
     rows = {r["metric"]: r for r in diloco.build_rows(raw, reps=2, h=64, quick=False)}
-    speed = rows["loopback: diloco (H=64) ÷ DDP samples/s"]
+    speed = rows["loopback: diloco (H=64, int8) ÷ DDP samples/s"]
     assert speed["values"][0] == pytest.approx(1.2) and math.isnan(speed["values"][1]) and speed["goal"] == ">= 1.0"
-    assert rows["held-out MLM loss, diloco (H=64, none) ÷ sync, same samples"]["values"][0] == pytest.approx(1.01)
+    assert rows["held-out MLM loss, diloco (H=64, int8) ÷ sync, same samples"]["values"][0] == pytest.approx(1.01)
+    assert rows["held-out loss (H=16), outer_overlap true ÷ false"]["values"] == [pytest.approx(1.1)] * 2
