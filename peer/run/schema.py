@@ -21,6 +21,7 @@ RUNS_KEY = "bertswarm_runs"
 MAX_MANIFEST_BYTES = 16_384
 MAX_SAMPLES_PER_SECOND = 1e6
 MAX_LOSS = 1e4
+MAX_EPOCH = 10**9  # epochs, outer rounds and checkpoint steps a record may claim
 # A peer's claimed throughput (and its weight in the coordinator's swarm figures) counts for at most this multiple of
 # the swarm's median: a fast GPU among CPUs is under-counted a little, a liar cannot claim the swarm's progress alone.
 OUTLIER_FACTOR = 4.0
@@ -45,7 +46,7 @@ def checkpoints_key(run_id: str) -> str:
 class PeerMetrics(pydantic.BaseModel):
     """What each peer says about itself, refreshed every report interval."""
 
-    epoch: pydantic.conint(ge=0, le=10**9, strict=True)
+    epoch: pydantic.conint(ge=0, le=MAX_EPOCH, strict=True)
     samples_per_second: pydantic.confloat(ge=0.0, le=MAX_SAMPLES_PER_SECOND, strict=True)
     samples_total: pydantic.conint(ge=0, le=10**15, strict=True)
     loss: pydantic.confloat(ge=0.0, le=MAX_LOSS, strict=True)
@@ -57,7 +58,7 @@ class PeerMetrics(pydantic.BaseModel):
 class DiLoCoProgress(pydantic.BaseModel):
     """A DiLoCo peer's place in the outer rounds (``peer.swarm.diloco``), under ``{run}_diloco`` / its peer id."""
 
-    round: pydantic.conint(ge=0, le=10**9, strict=True)  # the outer round it takes part in next (or now, if ready)
+    round: pydantic.conint(ge=0, le=MAX_EPOCH, strict=True)  # the outer round it takes part in next (or now, if ready)
     ready: pydantic.StrictBool  # at the boundary, waiting for its groupmates
     step: pydantic.conint(ge=0, le=10**6, strict=True)  # inner steps done in this round
     time: pydantic.StrictFloat
@@ -66,7 +67,7 @@ class DiLoCoProgress(pydantic.BaseModel):
 class CheckpointRecord(pydantic.BaseModel):
     """The newest checkpoint a coordinator published (announced under its own signed subkey)."""
 
-    epoch: pydantic.conint(ge=0, le=10**9, strict=True)
+    epoch: pydantic.conint(ge=0, le=MAX_EPOCH, strict=True)
     name: pydantic.constr(strict=True, max_length=64)
     sha256: pydantic.constr(strict=True, min_length=64, max_length=64)
     url: pydantic.constr(strict=True, max_length=512)

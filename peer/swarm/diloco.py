@@ -67,6 +67,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import hivemind
+import pydantic.v1 as pydantic
 import torch
 from hivemind.compression import (
     CompressionInfo,
@@ -643,12 +644,13 @@ class DiLoCo:
             return []
         records = []
         for subkey, entry in found.value.items():
-            value = getattr(entry, "value", None)
-            if subkey == self._subkey or not isinstance(value, dict):
+            if subkey == self._subkey:
                 continue
-            round_, ready = value.get("round"), value.get("ready")
-            if isinstance(round_, int) and 0 <= round_ <= guards.MAX_EPOCH and isinstance(ready, bool):
-                records.append((round_, ready))
+            try:
+                progress = schema.DiLoCoProgress.parse_obj(getattr(entry, "value", None))
+            except (pydantic.ValidationError, TypeError):
+                continue  # the DHT's validator refuses such records; one that got through anyway is ignored
+            records.append((progress.round, progress.ready))
         self.others_seen = len(records)
         return records
 

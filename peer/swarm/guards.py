@@ -24,13 +24,12 @@ import torch
 from hivemind.averaging import partition
 from hivemind.utils import get_dht_time
 
-from peer.run.schema import MAX_SAMPLES_PER_SECOND, OUTLIER_FACTOR
+from peer.run.schema import MAX_EPOCH, MAX_SAMPLES_PER_SECOND, OUTLIER_FACTOR
 from peer.swarm import hivemind_compat
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_SLACK_SECONDS = 1.0  # peers enter an epoch up to about one refresh period apart
-MAX_EPOCH = 10**9
 
 
 # --- non-finite contributions ---------------------------------------------------------------------------------------
