@@ -42,16 +42,13 @@ async def run(cfg: CoordinatorConfig) -> None:
     from coordinator.service import CoordinatorService
     from peer import join
     from peer.config import PeerConfig
-    from peer.data import corpus
-    from peer.data.batches import heldout_batches
     from peer.data.tokenizer import tokenizer_fingerprint
     from peer.swarm import dht as swarm
     from peer.swarm import records
     from peer.trainer import load_inputs
 
     check_checkpoint_dir(Path(cfg.checkpoint_dir).expanduser())
-    tokenizer, documents = load_inputs(cfg.tokenizer, cfg.data)
-    _, heldout = corpus.split_heldout(documents)
+    tokenizer, documents, dataset = load_inputs(cfg.tokenizer, cfg.data)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,8 +70,7 @@ async def run(cfg: CoordinatorConfig) -> None:
             )
         validators, subkey = records.run_validators(run_id)
         dht.add_validators(validators)
-        batches = heldout_batches(heldout, tokenizer, seq_len=run_manifest.seq_len, batch_size=16, seed=0,
-                                  max_batches=cfg.eval_batches, nsp=run_manifest.nsp)  # fmt: skip
+        batches = evaluation_batches(run_manifest, tokenizer, documents, dataset, cfg.eval_batches)
         public_url = f"http://{cfg.http_host}:{port}"
         # in the main thread: hivemind's averager changes signal handlers when it starts, and then resets SIGINT
         service = CoordinatorService(cfg, dht, run_manifest, tokenizer, batches, public_url, subkey)
@@ -89,6 +85,29 @@ async def run(cfg: CoordinatorConfig) -> None:
             service.close()
         swarm.stop_dht(dht)
         await runner.cleanup()
+
+
+def evaluation_batches(run_manifest, tokenizer, documents: list[str], dataset, max_batches: int) -> list[dict]:
+    """Held-out batches: the prepared dataset's held-out split when ``--data`` names one (it must be the run's), else
+    the held-out split of the text."""
+    from peer.data.batches import heldout_batches
+    from peer.data.corpus import split_heldout
+    from peer.data.stream import prepared_heldout_batches
+    from peer.data.tokenizer import TokenizerInfo
+    from peer.errors import InputError
+    from peer.join import data_conflict
+
+    if dataset is None:
+        _, heldout = split_heldout(documents)
+        return heldout_batches(heldout, tokenizer, seq_len=run_manifest.seq_len, batch_size=16, seed=0,
+                               max_batches=max_batches, nsp=run_manifest.nsp)  # fmt: skip
+    if dataset.fingerprint != run_manifest.data_fingerprint:
+        raise UserError(data_conflict(run_manifest.data_fingerprint, dataset.fingerprint))
+    try:
+        return prepared_heldout_batches(dataset, TokenizerInfo.of(tokenizer), batch_size=16, seed=0,
+                                        max_batches=max_batches)  # fmt: skip
+    except InputError as e:
+        raise e.with_flag("--data") from None
 
 
 class _Lazy:

@@ -29,7 +29,8 @@ class CoordinatorConfig:
     checkpoint_minutes: float = _opt("also publish at least every N minutes of training (0 = off)", default=0.0,
                                      metavar="MINUTES")  # fmt: skip
     keep: int = _opt("number of newest checkpoints to keep", default=5)
-    data: list[str] = _opt("text whose held-out split is used for evaluation (default: the embedded corpus)",
+    data: list[str] = _opt("text whose held-out split is used for evaluation, or the run's prepared dataset "
+                           "directory (its held-out split) (default: the embedded corpus)",
                            default_factory=list, metavar="PATH")  # fmt: skip
     tokenizer: str | None = _opt("the run's vocab.txt or tokenizer.json if it does not use the shipped one",
                                  default=None, metavar="PATH")  # fmt: skip

@@ -200,7 +200,10 @@ MY_PEER = Dashboard(
         ),
         Panel(
             "Dropped local batches",
-            _q(f"sum by (reason) (increase({m.PEER_SKIPPED_BATCHES}_total{{{PEER}}}[{RATE}]))", "{{reason}}"),
+            (
+                Query(f"sum by (reason) (increase({m.PEER_SKIPPED_BATCHES}_total{{{PEER}}}[{RATE}]))", "{{reason}}"),
+                Query(f"increase({m.PEER_SKIPPED_SHARDS}_total{{{PEER}}}[{RATE}])", "corrupt prepared-data shards"),
+            ),
         ),
         Panel("Defences against faulty peers", _defences(PEER)),
         Panel("DiLoCo outer step", _q(f"{m.PEER_OUTER_STEP}{{{PEER}}}", "{{instance}}")),

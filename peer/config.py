@@ -99,7 +99,8 @@ class PeerConfig:
     preset: str = setting(f"model size, one of {', '.join(PRESET_NAMES)}", default="tiny", group="run")
     data: list[str] = setting(
         "training text: files, directories or globs of .txt / .jsonl (field 'text'), or hf:NAME[:CONFIG][:SPLIT]; "
-        "default: the embedded corpus",
+        "or a directory written by bertswarm-prepare (then the only entry; the run pins it); default: the embedded "
+        "corpus",
         default_factory=list,
         metavar="PATH",
         group="run",

@@ -32,6 +32,7 @@ FLAG_OF_FIELD = {
     "outer_momentum": "outer_momentum",
     "outer_compression": "outer_compression",
     "outer_overlap": "outer_overlap",
+    "data_fingerprint": "data",  # also checked without the flag: see data_conflict
 }
 
 
@@ -39,23 +40,29 @@ def conflicts(run: RunManifest, mine: RunManifest, explicit: set[str]) -> list[s
     """Fields where the run differs from what the user *explicitly* asked for (defaults are simply adopted)."""
     ours, theirs = mine.model_dump(), run.model_dump()
     return [
-        f"{field} (from --{flag.replace('_', '-')}): run has {theirs[field]!r}, you asked for {ours[field]!r}"
+        f"{field} (from --{flag.replace('_', '-')}): run has {theirs.get(field)!r}, you asked for {ours.get(field)!r}"
         for field, flag in FLAG_OF_FIELD.items()
-        if flag in explicit and ours[field] != theirs[field]
+        if flag in explicit and ours.get(field) != theirs.get(field)
     ]
 
 
 def resolve(
-    dht: hivemind.DHT, cfg: PeerConfig, explicit: set[str], tokenizer_fingerprint: str, vocab_size: int
+    dht: hivemind.DHT,
+    cfg: PeerConfig,
+    explicit: set[str],
+    tokenizer_fingerprint: str,
+    vocab_size: int,
+    data_fingerprint: str | None = None,
 ) -> RunManifest:
-    """Adopt the swarm's manifest when joining (checking explicit flags), or build and publish a new one."""
+    """Adopt the swarm's manifest when joining (checking explicit flags, the tokenizer and the prepared dataset), or
+    build and publish a new one. ``data_fingerprint``: this peer's prepared dataset's, None when it trains on text."""
     if not cfg.join:
-        manifest = from_config(cfg, cfg.run_id or DEFAULT_RUN_ID, tokenizer_fingerprint, vocab_size)
+        manifest = from_config(cfg, cfg.run_id or DEFAULT_RUN_ID, tokenizer_fingerprint, vocab_size, data_fingerprint)
         records.publish_manifest(dht, manifest)
         return manifest
 
     run_id, run = wait_for_run(dht, cfg.run_id, cfg.startup_timeout)
-    mine = from_config(cfg, run_id, tokenizer_fingerprint, vocab_size)
+    mine = from_config(cfg, run_id, tokenizer_fingerprint, vocab_size, data_fingerprint)
     clashes = conflicts(run, mine, explicit)
     if clashes:
         raise UserError(
@@ -67,8 +74,21 @@ def resolve(
             f"your tokenizer (sha256 {tokenizer_fingerprint[:12]}) differs from the run's "
             f"({run.tokenizer_fingerprint[:12]}); pass --tokenizer with the run's vocab file"
         )
+    if run.data_fingerprint != data_fingerprint:
+        raise UserError(data_conflict(run.data_fingerprint, data_fingerprint))
     records.publish_manifest(dht, run)
     return run
+
+
+def data_conflict(run_data: str | None, mine: str | None) -> str:
+    """One line for a peer whose training data contradicts the run's pinned prepared dataset."""
+
+    def name(fingerprint: str | None) -> str:
+        return f"prepared dataset {fingerprint[:12]}" if fingerprint else "its peers' own text (no prepared dataset)"
+
+    return (f"--data: the run trains on {name(run_data)}, you passed {name(mine)}; pass --data with the run's prepared "
+            "dataset directory (every peer needs the same bertswarm-prepare output), or a new --run-id to start a "
+            "separate run")  # fmt: skip
 
 
 def wait_for_run(dht: hivemind.DHT, run_id: str | None, timeout: float) -> tuple[str, RunManifest]:

@@ -26,6 +26,7 @@ PEER_SKIPPED_BATCHES = "bertswarm_peer_skipped_batches"  # counter with label re
 PEER_STATE_DOWNLOADS = "bertswarm_peer_state_downloads"  # counter
 PEER_STATE_DOWNLOAD_SECONDS = "bertswarm_peer_state_download_seconds"
 PEER_LEARNING_RATE = "bertswarm_peer_learning_rate"
+PEER_SKIPPED_SHARDS = "bertswarm_peer_skipped_shards"  # counter: prepared-data shards skipped as corrupt or missing
 
 # coordinator (swarm-level view built from the peers' signed DHT records)
 SWARM_PEERS = "bertswarm_swarm_peers"
@@ -82,6 +83,10 @@ class PeerTelemetry:
             PEER_STATE_DOWNLOAD_SECONDS, "Duration of the last state download from peers", registry=r
         )
         self.learning_rate = Gauge(PEER_LEARNING_RATE, "Current learning rate", registry=r)
+        self.skipped_shards = Counter(
+            PEER_SKIPPED_SHARDS, "Shards of the prepared dataset skipped (sha256 mismatch, missing or truncated)",
+            registry=r,
+        )  # fmt: skip
         self.rejected_contributions = Counter(
             PEER_REJECTED_CONTRIBUTIONS,
             "Groupmates' non-finite contributions dropped from averaging rounds this peer reduced",

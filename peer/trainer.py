@@ -7,6 +7,7 @@ metrics port) is checked *before* the p2p daemon starts, so mistakes are answere
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
 import math
@@ -26,7 +27,9 @@ from peer import hooks, join
 from peer.config import PeerConfig
 from peer.data import corpus, embedded
 from peer.data.batches import BatchStream
-from peer.data.tokenizer import default_tokenizer, load_tokenizer, tokenizer_fingerprint
+from peer.data.shards import PreparedDataset, is_prepared
+from peer.data.stream import ShardStream
+from peer.data.tokenizer import TokenizerInfo, default_tokenizer, load_tokenizer, tokenizer_fingerprint
 from peer.errors import InputError, UserError
 from peer.progress import Snapshot, StatusDisplay, Window
 from peer.run.manifest import DEFAULT_RUN_ID, RunManifest, from_config
@@ -93,18 +96,26 @@ class Prepared:
 
     state_dir: StateDir
     tokenizer: object
-    documents: list[str]
+    documents: list[str]  # training documents of plain text (empty with a prepared dataset)
     telemetry: PeerTelemetry
     metrics_port: int | None
     init_checkpoint: tuple[dict, dict] | None = None  # --init-from, verified (all but the run) before p2pd starts
+    dataset: PreparedDataset | None = None  # --data naming a bertswarm-prepare directory
+    cfg: PeerConfig | None = None  # the settings, with --seq-len/--nsp taken from the prepared dataset unless given
 
 
-def prepare(cfg: PeerConfig) -> Prepared:
+def prepare(cfg: PeerConfig, explicit: set[str] = frozenset()) -> Prepared:
     try:
         state_dir = StateDir(cfg.state_path)
     except StateError as e:
         raise e.with_flag("--state-dir") from None
-    tokenizer, documents = load_inputs(cfg.tokenizer, cfg.data)
+    tokenizer, documents, dataset = load_inputs(cfg.tokenizer, cfg.data)
+    if dataset is not None:
+        cfg = adopt_dataset_settings(cfg, explicit, dataset)
+        try:
+            dataset.check(tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), seq_len=cfg.seq_len, nsp=cfg.nsp)
+        except InputError as e:
+            raise e.with_flag("--data") from None
     # a setting outside the manifest's bounds is answered now, not after p2pd has started
     from_config(cfg, cfg.run_id or DEFAULT_RUN_ID, tokenizer_fingerprint(tokenizer), tokenizer.get_vocab_size())
     train_documents, _heldout = corpus.split_heldout(documents)
@@ -115,21 +126,33 @@ def prepare(cfg: PeerConfig) -> Prepared:
         init = load_checkpoint(cfg.init_from, expected_fingerprint=None) if cfg.init_from else None
     except CheckpointError as e:
         raise e.with_flag("--init-from") from None
-    return Prepared(state_dir, tokenizer, train_documents, telemetry, port, init)
+    return Prepared(state_dir, tokenizer, train_documents, telemetry, port, init, dataset, cfg)
 
 
-def load_inputs(tokenizer_path: str | None, data: list[str]) -> tuple[object, list[str]]:
-    """The tokenizer and the documents the flags name (defaults: the shipped vocab, the embedded corpus); a problem
-    with either is answered in one line that names the flag (shared with the coordinator's CLI)."""
+def load_inputs(tokenizer_path: str | None, data: list[str]) -> tuple[object, list[str], PreparedDataset | None]:
+    """The tokenizer, and the documents or the prepared dataset the flags name (defaults: the shipped vocab, the
+    embedded corpus); a problem with either is answered in one line that names the flag (shared with the
+    coordinator's CLI). A prepared dataset comes back as ``(tokenizer, [], dataset)``."""
     try:
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else default_tokenizer()
     except InputError as e:
         raise e.with_flag("--tokenizer") from None
     try:
+        if any(is_prepared(entry) for entry in data):
+            if len(data) > 1:
+                raise UserError("--data: a prepared dataset directory must be the only --data entry; drop the others")
+            return tokenizer, [], PreparedDataset.open(data[0])
         documents = corpus.load_documents(data) if data else embedded.default_corpus()
     except InputError as e:
         raise e.with_flag("--data") from None
-    return tokenizer, documents
+    return tokenizer, documents, None
+
+
+def adopt_dataset_settings(cfg: PeerConfig, explicit: set[str], dataset: PreparedDataset) -> PeerConfig:
+    """A prepared dataset fixes the sequence length and NSP: adopt them unless the user set them (then
+    ``PreparedDataset.check`` refuses a contradiction in one line)."""
+    adopted = {name: getattr(dataset.index, name) for name in ("seq_len", "nsp") if name not in explicit}
+    return dataclasses.replace(cfg, **adopted)
 
 
 class Trainer:
@@ -179,26 +202,30 @@ class Trainer:
         self._gradient_bytes = 4 * count_parameters(self.model)  # fp32, as the sync mode averages them
         self.opt = self._make_optimizer(saved, init_epoch)
 
-        self.batches = (
-            batches
-            if batches is not None
-            else BatchStream(
-                prepared.documents,
-                prepared.tokenizer,
-                seq_len=run.seq_len,
-                batch_size=self.batch_size,
-                mlm_probability=run.mlm_probability,
-                nsp=run.nsp,
-                seed=self.seed,
-            )
-        )
         _, subkey = records.run_validators(run.run_id)
+        self.batches = batches if batches is not None else self._make_batches(prepared, saved, subkey)
         self.publisher = MetricsPublisher(dht, run.run_id, subkey, dht.client_mode)
         self.autocast = _autocast(self.device)
         self.window = Window()
         self.display = StatusDisplay()
         self.start_epoch = self.opt.local_epoch
         self._last_report = self._last_save = self._last_publish = time.monotonic()
+
+    def _make_batches(self, prepared: Prepared, saved: SavedState | None, me: bytes) -> Iterator[dict]:
+        """This peer's stream: its shards of the prepared dataset (resumed at the saved position), else its shuffle
+        of the text's training documents."""
+        run = self.run
+        if prepared.dataset is None:
+            return BatchStream(prepared.documents, prepared.tokenizer, seq_len=run.seq_len, batch_size=self.batch_size,
+                               mlm_probability=run.mlm_probability, nsp=run.nsp, seed=self.seed)  # fmt: skip
+
+        def peers() -> list[bytes]:  # the signed-record keys of live peers: what the shard assignment hashes
+            return list(records.read_swarm_metrics(self.dht, run.run_id))
+
+        return ShardStream(prepared.dataset, TokenizerInfo.of(prepared.tokenizer), batch_size=self.batch_size,
+                           mlm_probability=run.mlm_probability, seed=self.seed, me=me, peers=peers,
+                           on_skip=lambda _name: self.telemetry.skipped_shards.inc(),
+                           position=saved.data_position if saved is not None else None)  # fmt: skip
 
     def _make_optimizer(self, saved: SavedState | None, init_epoch: int | None) -> SwarmOptimizer | DiLoCoOptimizer:
         """The run's mode: ``sync`` (gradients averaged every global step) or ``diloco`` (outer rounds every
@@ -333,6 +360,7 @@ class Trainer:
             samples=self.samples_total,
             fingerprint=self.run.fingerprint,
             parameters=self.opt.model_state_for_save(),
+            data_position=self.batches.position if isinstance(self.batches, ShardStream) else None,
         )
         logger.info("saved local state at step %d in %.2fs", self.opt.local_epoch, time.perf_counter() - started)
 
@@ -387,14 +415,16 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
     """The life of a peer: prepare, join, load state, train, and always leave cleanly."""
     hivemind_compat.check_version()  # before anything starts: bertswarm patches this hivemind's internals
     stop = StopSignal().install()
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, explicit)
+    cfg = prepared.cfg
     if prepared.metrics_port is not None:
         logger.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host, prepared.metrics_port)
     dht = swarm.start_dht(cfg, records.registry_validators())
     trainer = None
     try:
         tokenizer_fp = tokenizer_fingerprint(prepared.tokenizer)
-        run_manifest = join.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size())
+        data_fp = prepared.dataset.fingerprint if prepared.dataset is not None else None
+        run_manifest = join.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size(), data_fp)
         validators, _ = records.run_validators(run_manifest.run_id)
         dht.add_validators(validators)
         logger.info("run %s, manifest %s", run_manifest.run_id, run_manifest.fingerprint[:12])

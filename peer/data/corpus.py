@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +58,28 @@ def load_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     (one line: the entry, the problem and the fix; the caller adds the flag) for a missing path, a glob or directory
     without text files, an empty, binary, non-UTF-8 or unreadable file, and a malformed JSONL line.
     """
+    return [document for _source, document in iter_documents(paths, stream_hf=False)]
+
+
+def iter_documents(
+    paths: Sequence[str | os.PathLike[str]], *, stream_hf: bool = True, on_empty: Callable[[], None] | None = None
+) -> Iterator[tuple[str, str]]:
+    """``(source, document)`` pairs of the entries :func:`load_documents` accepts, in the same order, lazily: local
+    files are read one at a time (memory is bounded by the largest file), and with ``stream_hf`` an ``hf:`` dataset
+    is streamed (``datasets``' ``streaming=True``), never materialised. ``source`` names the file or the entry.
+    ``on_empty`` is called for each empty record skipped (a JSONL line or dataset row whose text is blank)."""
     if not paths:
         raise UserError(f"no corpus given; {_DATA_HINT}")
-    documents: list[str] = []
     seen_files: set[Path] = set()
     for entry in map(os.fspath, paths):
         if entry.startswith(_HF_PREFIX):
-            documents.extend(_load_hf_dataset(entry))
+            documents = _stream_hf_dataset(entry, on_empty) if stream_hf else _load_hf_dataset(entry)
+            yield from ((entry, document) for document in documents)
             continue
         for path in _expand(entry):
             if path.resolve() not in seen_files:
                 seen_files.add(path.resolve())
-                documents.extend(_read_file(path))
-    return documents
+                yield from ((str(path), document) for document in _read_file(path, on_empty))
 
 
 def _expand(entry: str) -> list[Path]:
@@ -96,7 +105,7 @@ def _expand(entry: str) -> list[Path]:
     raise InputError(entry, f"no such file or directory; {_DATA_HINT}")
 
 
-def _read_file(path: Path) -> list[str]:
+def _read_file(path: Path, on_empty: Callable[[], None] | None = None) -> list[str]:
     try:
         data = path.read_bytes()
     except PermissionError:
@@ -113,7 +122,7 @@ def _read_file(path: Path) -> list[str]:
         ) from None
     if not text.strip():
         raise InputError(path, "file is empty; pass a file with text in it")
-    documents = _parse_jsonl(path, text) if path.suffix == ".jsonl" else _split_paragraphs(text)
+    documents = _parse_jsonl(path, text, on_empty) if path.suffix == ".jsonl" else _split_paragraphs(text)
     if not documents:
         raise InputError(path, "no non-empty documents; pass a file with text in it")
     return documents
@@ -125,7 +134,7 @@ def _split_paragraphs(text: str) -> list[str]:
     return [block.strip() for block in blocks if block.strip()]
 
 
-def _parse_jsonl(path: Path, text: str) -> list[str]:
+def _parse_jsonl(path: Path, text: str, on_empty: Callable[[], None] | None = None) -> list[str]:
     documents = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -138,27 +147,41 @@ def _parse_jsonl(path: Path, text: str) -> list[str]:
             raise InputError(f"{path}:{number}", 'expected a JSON object with a string field "text"; fix that line')
         if record["text"].strip():
             documents.append(record["text"].strip())
+        elif on_empty is not None:
+            on_empty()
     return documents
 
 
-def _load_hf_dataset(entry: str) -> list[str]:
-    """``hf:NAME[:CONFIG][:SPLIT]`` -> the non-empty strings of the dataset's "text" column."""
+def _parse_hf_entry(entry: str) -> tuple[str, str | None, str]:
     parts = entry[len(_HF_PREFIX) :].split(":")
     if not parts[0] or len(parts) > 3 or not all(parts):
         raise InputError(entry, "expected hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:train")
-    name, config, split = parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+    return parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+
+
+def _open_hf_dataset(entry: str, **kwargs):
+    name, config, split = _parse_hf_entry(entry)
     try:
         import datasets
     except ImportError:
         raise InputError(entry, "the datasets library is not installed; pip install 'bertswarm[datasets]'") from None
     try:
-        dataset = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split, **kwargs)
     except Exception as exc:  # network, auth, unknown name/config/split: all user-fixable, none worth a traceback
-        message = " ".join(str(exc).split())[:300]
-        raise InputError(
-            entry,
-            f"could not load the dataset ({type(exc).__name__}: {message}); check the name, config, split and network",
-        ) from None
+        raise _hf_error(entry, exc) from None
+
+
+def _hf_error(entry: str, exc: Exception) -> InputError:
+    message = " ".join(str(exc).split())[:300]
+    return InputError(
+        entry,
+        f"could not load the dataset ({type(exc).__name__}: {message}); check the name, config, split and network",
+    )
+
+
+def _load_hf_dataset(entry: str) -> list[str]:
+    """``hf:NAME[:CONFIG][:SPLIT]`` -> the non-empty strings of the dataset's "text" column."""
+    dataset = _open_hf_dataset(entry)
     if "text" not in dataset.column_names:
         columns = ", ".join(dataset.column_names)
         raise InputError(entry, f'the dataset has no "text" column (columns: {columns}); pick a text dataset')
@@ -166,6 +189,29 @@ def _load_hf_dataset(entry: str) -> list[str]:
     if not documents:
         raise InputError(entry, 'the "text" column is empty; pick another dataset or split')
     return documents
+
+
+def _stream_hf_dataset(entry: str, on_empty: Callable[[], None] | None = None) -> Iterator[str]:
+    """Like :func:`_load_hf_dataset`, record by record from ``load_dataset(..., streaming=True)``."""
+    dataset = _open_hf_dataset(entry, streaming=True)
+    found = False
+    try:
+        for record in dataset:
+            if not isinstance(record, dict) or "text" not in record:
+                columns = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise InputError(entry, f'the dataset has no "text" column (columns: {columns}); pick a text dataset')
+            text = record["text"]
+            if isinstance(text, str) and text.strip():
+                found = True
+                yield text.strip()
+            elif on_empty is not None:
+                on_empty()
+    except InputError:
+        raise
+    except Exception as exc:  # the stream reads over the network: a dropped connection is the user's to retry
+        raise _hf_error(entry, exc) from None
+    if not found:
+        raise InputError(entry, 'the "text" column is empty; pick another dataset or split')
 
 
 # --- splitting and ordering -----------------------------------------------------------------------------------

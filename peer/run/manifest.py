@@ -84,6 +84,9 @@ class RunManifest(_Strict):
     outer_compression: Literal[OUTER_COMPRESSIONS] = DEFAULT_OUTER_COMPRESSION  # type: ignore[valid-type]
     outer_overlap: bool = False
     init_seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = INIT_SEED
+    # fingerprint of the prepared dataset (``bertswarm-prepare``) every peer must train on; None: each peer trains on
+    # its own text. Left out of the canonical JSON when None, so runs without one keep their fingerprints.
+    data_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     version: Literal[MANIFEST_VERSION] = MANIFEST_VERSION  # type: ignore[valid-type]
 
     @pydantic.model_validator(mode="after")
@@ -91,6 +94,14 @@ class RunManifest(_Strict):
         if self.warmup_steps >= self.total_steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be below total_steps {self.total_steps}")
         return self
+
+    @pydantic.model_serializer(mode="wrap")
+    def _without_absent_data(self, handler) -> dict:
+        """Every dump (the canonical JSON, checkpoint metadata) leaves out an absent ``data_fingerprint``."""
+        data = handler(self)
+        if data.get("data_fingerprint", "") is None:
+            del data["data_fingerprint"]
+        return data
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -130,7 +141,8 @@ class RunManifest(_Strict):
     def diff(self, other: RunManifest) -> list[str]:
         """Human-readable ``field: ours -> theirs`` lines for every differing field."""
         mine, theirs = self.model_dump(), other.model_dump()
-        return [f"{k}: {mine[k]!r} -> {theirs[k]!r}" for k in sorted(mine) if mine[k] != theirs[k]]
+        keys = sorted(mine | theirs)  # an absent data_fingerprint is left out of a dump: it reads as None
+        return [f"{k}: {mine.get(k)!r} -> {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)]
 
 
 def _first_error(error: pydantic.ValidationError) -> str:
@@ -161,10 +173,13 @@ class RunSettings(Protocol):
     outer_overlap: bool
 
 
-def from_config(cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab_size: int) -> RunManifest:
-    """The manifest a peer *would* publish, from its own settings and preset defaults."""
+def from_config(
+    cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab_size: int, data_fingerprint: str | None = None
+) -> RunManifest:
+    """The manifest a peer *would* publish, from its own settings and preset defaults (``data_fingerprint``: its
+    prepared dataset's, if it trains on one)."""
     try:
-        return _from_config(cfg, run_id, tokenizer_fingerprint, vocab_size)
+        return _from_config(cfg, run_id, tokenizer_fingerprint, vocab_size, data_fingerprint)
     except pydantic.ValidationError as e:  # a setting the config accepted but the manifest bounds (e.g. --inner-steps)
         first = e.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "manifest"
@@ -172,7 +187,9 @@ def from_config(cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab
         raise ManifestError(f"{flag}: {first['msg']}; pick a value in the allowed range") from None
 
 
-def _from_config(cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab_size: int) -> RunManifest:
+def _from_config(
+    cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, vocab_size: int, data_fingerprint: str | None
+) -> RunManifest:
     preset = PRESETS[cfg.preset]
     model = ModelSection(
         vocab_size=vocab_size,
@@ -206,4 +223,5 @@ def _from_config(cfg: RunSettings, run_id: str, tokenizer_fingerprint: str, voca
         outer_momentum=cfg.outer_momentum,
         outer_compression=cfg.outer_compression,
         outer_overlap=cfg.outer_overlap,
+        data_fingerprint=data_fingerprint,
     )

@@ -2,7 +2,8 @@
 
 Layout of ``<state-dir>/``: ``identity.key`` (p2p private key), ``lock`` (held while a peer runs),
 ``state.safetensors`` (model parameters ``model.*``, optimizer moments ``optim.<param>.<name>``; metadata: manifest
-fingerprint, local epoch, samples). A save writes a temp file, fsyncs, renames, and fsyncs the directory
+fingerprint, local epoch, samples, and, for a prepared dataset, the JSON position of the peer's data stream). A save
+writes a temp file, fsyncs, renames, and fsyncs the directory
 (:mod:`peer.store.atomic`), so a crash at any point leaves either the previous state or the new one, never a torn file.
 Problems are :class:`~peer.store.errors.StateError`\\ s naming the path; the caller adds the flag (``--state-dir``).
 """
@@ -10,6 +11,7 @@ Problems are :class:`~peer.store.errors.StateError`\\ s naming the path; the cal
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ class SavedState:
     epoch: int
     samples: int
     fingerprint: str
+    data_position: dict | None = None
 
 
 class StateDir:
@@ -79,7 +82,7 @@ class StateDir:
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
                 optimizer.setdefault(int(index), {})[name] = value
-        return SavedState(model, optimizer, epoch, samples, saved_fp)
+        return SavedState(model, optimizer, epoch, samples, saved_fp, _data_position(meta.get("data_position")))
 
     def save(
         self,
@@ -90,9 +93,11 @@ class StateDir:
         samples: int,
         fingerprint: str,
         parameters: dict[str, torch.Tensor] | None = None,
+        data_position: dict | None = None,
     ):
         """Save the model (``parameters``, by name, replace the model's own: DiLoCo saves its outer parameters), the
-        optimizer's per-parameter tensors, and the step and sample counts, stamped with the run's fingerprint."""
+        optimizer's per-parameter tensors, the step and sample counts and the data stream's position (JSON-able),
+        stamped with the run's fingerprint."""
         state = dict(unique_state(model), **(parameters or {}))
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         for index, entries in optimizer_state.items():
@@ -102,11 +107,27 @@ class StateDir:
                 if isinstance(value, torch.Tensor):
                     tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
         metadata = {"fingerprint": fingerprint, "epoch": str(epoch), "samples": str(samples)}
+        if data_position is not None:
+            metadata["data_position"] = json.dumps(data_position, sort_keys=True)
         with atomic_path(self.state_file, mode=0o600) as tmp:  # private, as it always was (next to identity.key)
             save_file(tensors, str(tmp), metadata=metadata)
 
     def close(self) -> None:
         self._lock.close()
+
+
+def _data_position(text: str | None) -> dict | None:
+    """The saved stream position; an unreadable one only costs the position (the stream starts over), not the state."""
+    if text is None:
+        return None
+    try:
+        position = json.loads(text)
+    except ValueError:
+        position = None
+    if not isinstance(position, dict):
+        logger.warning("ignoring an unreadable saved data position; the data stream starts at this peer's first shard")
+        return None
+    return position
 
 
 def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
