@@ -31,21 +31,21 @@ monitor: setup
 	$(PY) -m monitoring.local --peers $(DEMO_PEERS) --listen $(MONITOR_LISTEN)
 
 test: setup
-	$(PY) -m ruff check peer coordinator monitoring tests tools bench
-	$(PY) -m ruff format --check peer coordinator monitoring tests tools bench
+	$(PY) -m ruff check peer coordinator serve monitoring tests tools bench
+	$(PY) -m ruff format --check peer coordinator serve monitoring tests tools bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The developer's inner loop (about 2 minutes on 2 cores): lint, the unit tests, and the two-peer test that checks the
 # product's Trainer against a single process. make test stays the full suite that CI runs.
 test-fast: setup
-	$(PY) -m ruff check peer coordinator monitoring tests tools bench
+	$(PY) -m ruff check peer coordinator serve monitoring tests tools bench
 	$(PY) -m pytest tests/unit tests/integration/test_equivalence.py $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check peer coordinator monitoring tests tools bench
+	$(PY) -m ruff check peer coordinator serve monitoring tests tools bench
 
 format: setup
-	$(PY) -m ruff format peer coordinator monitoring tests tools bench
+	$(PY) -m ruff format peer coordinator serve monitoring tests tools bench
 
 # Side-by-side benchmarks (swarm vs single process vs DDP): bench/results/*.json and docs/performance.md.
 # BENCH_ARGS='--quick' for a smoke run, BENCH_ARGS='--only throughput' for one scenario.

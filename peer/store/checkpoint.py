@@ -7,27 +7,31 @@ Layout of a checkpoint root (``--checkpoint-dir``)::
         model.safetensors       the weights, tied duplicates dropped as ``save_pretrained`` does; never pickle
         tokenizer.json vocab.txt tokenizer_config.json   (written by transformers' save_pretrained, plus vocab.txt)
         bertswarm.json          run id, manifest and its fingerprint, epoch, samples, eval metrics, sha256 of weights
-    <root>/latest               text: the name of the checkpoint written last, e.g. ``epoch-000123``
+    <root>/latest               relative symlink to the checkpoint written last, e.g. ``latest -> epoch-000123``
     <root>/.lock                flock held by the one process writing checkpoints here
     <root>/.tmp-*               work in progress or a crashed writer's leftovers: never read, removed by the next write
 
-Every ``epoch-*`` directory is a ``from_pretrained`` target: ``AutoModelForMaskedLM.from_pretrained(path)``,
-``pipeline("fill-mask", model=path, tokenizer=path)``; :func:`latest_path` gives the newest.
+Every ``epoch-*`` directory, and ``<root>/latest``, is a ``from_pretrained`` target:
+``AutoModelForMaskedLM.from_pretrained(f"{root}/latest")``, ``pipeline("fill-mask", model=f"{root}/latest")``;
+:func:`latest_path` gives the checkpoint ``latest`` names (validated, with a fallback to the newest).
 ``bertswarm.json`` is :class:`peer.store.metadata.CheckpointMetadata`; verified loading (``--init-from``) is
 :mod:`peer.store.load`, over HTTP through :mod:`peer.store.remote`.
 
 Crash safety: a checkpoint is assembled in ``<root>/.tmp-*``; every file and then the directory are fsynced, the
 directory is renamed to ``epoch-NNNNNN`` (atomic) and the root fsynced, so an ``epoch-*`` directory is only ever
-visible complete. ``latest`` is replaced the same way (temp file, fsync, ``os.replace``, fsync of the root:
-:mod:`peer.store.atomic`). Pruning renames a checkpoint to ``.tmp-*`` before deleting it.
-``tests/unit/test_checkpoint.py`` SIGKILLs a writer at each of these steps.
+visible complete. Only then is ``latest`` replaced: a new relative symlink ``.tmp-latest-<pid> -> epoch-NNNNNN`` is
+created and renamed over ``latest`` with ``os.replace`` (atomic), and the root fsynced, so ``latest`` always exists
+once a first checkpoint does and never dangles or names a partial checkpoint. Pruning renames a checkpoint to ``.tmp-*``
+before deleting it, and never prunes the one ``latest`` names. ``tests/unit/test_checkpoint.py`` SIGKILLs a writer at
+each of these steps.
 
-Why ``latest`` is a small text file and not a symlink: checkpoints get copied and synced (``rsync``, ``aws s3 sync``,
-Hub uploads, SMB/FUSE mounts), and those tools skip a symlink or dereference it, which silently duplicates a
-multi-GB checkpoint; a text file survives every copy, is written with the same temp + fsync + rename recipe as every
-other file here, and its content is validated (it must name a complete ``epoch-*`` checkpoint of the root, never a
-path elsewhere, which matters when the root is served over HTTP). The price: ``from_pretrained(<root>/latest)``
-does not work; use :func:`latest_path` or read the name from the file.
+Why ``latest`` is a symlink: so that ``from_pretrained(<root>/latest)`` and ``pipeline(model=<root>/latest)`` work.
+It is relative and names a sibling, so a copy of the whole root that keeps symlinks (``rsync -a``, ``cp -a``, tar)
+stays valid; tools that dereference symlinks (S3 sync, Hub uploads, some FUSE mounts) turn it into a full copy of
+that checkpoint, which still loads. Its target is validated on read (it must name a complete ``epoch-*`` checkpoint of
+the root, never a path elsewhere, which matters when the root is served over HTTP). Roots written by older versions
+have a text file ``latest`` holding the name instead; :func:`latest_path` still reads those (backwards compatible),
+and the next write replaces the file with a symlink.
 
 A checkpoint is identified by its epoch (the swarm's weights after that global step). Writing an epoch that already
 exists for the same run keeps the existing checkpoint; an ``epoch-*`` of another run, or a damaged one, is replaced.
@@ -59,7 +63,7 @@ from tokenizers import Tokenizer
 
 from peer.data.tokenizer import save_pretrained as save_tokenizer
 from peer.run.manifest import RunManifest
-from peer.store.atomic import TMP_PREFIX, atomic_write_text, fsync_path
+from peer.store.atomic import TMP_PREFIX, fsync_path
 from peer.store.errors import CheckpointError
 from peer.store.metadata import METADATA_FILE, CheckpointMetadata, run_stamp
 from peer.store.state import unique_state
@@ -195,7 +199,7 @@ def write_state_checkpoint(
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
-            atomic_write_text(root / LATEST_FILE, f"{name}\n")  # via a .tmp- file, like every write here
+            _point_latest(root, name)
             _prune(root, keep, name)
     except OSError as e:
         raise _write_error(root, e.errno, e.strerror or str(e)) from None
@@ -240,6 +244,19 @@ def _publish(root: Path, tmp: Path, target: Path) -> None:
     fsync_path(root)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    """Make ``<root>/latest`` a relative symlink to ``name``, atomically: a temp symlink renamed over it (also over an
+    old-format text file), then the root fsynced. Readers see the old target or the new one, never no ``latest``."""
+    tmp = root / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"  # unique: we hold the lock, leftovers are gone
+    os.symlink(name, tmp)
+    try:
+        os.replace(tmp, root / LATEST_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(root)
 
 
 def _prune(root: Path, keep: int, latest_name: str) -> None:
@@ -324,12 +341,10 @@ def list_checkpoints(root: str | Path) -> list[CheckpointInfo]:
 
 
 def latest_path(root: str | Path) -> Path | None:
-    """The checkpoint ``<root>/latest`` names; if that is missing or damaged, the newest complete one; else None."""
+    """The checkpoint ``<root>/latest`` names, as ``<root>/epoch-NNNNNN``; if that is missing or damaged, the newest
+    complete one; else None."""
     root = Path(root).expanduser()
-    try:
-        name = (root / LATEST_FILE).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        name = ""
+    name = latest_name(root)
     if NAME.fullmatch(name) and read_info(root / name) is not None:
         return root / name
     listed = list_checkpoints(root)
@@ -338,6 +353,20 @@ def latest_path(root: str | Path) -> Path | None:
     if name:
         logger.warning("%s names %r, not a complete checkpoint; using %s", root / LATEST_FILE, name, listed[0].name)
     return listed[0].path
+
+
+def latest_name(root: Path) -> str:
+    """What ``<root>/latest`` names, unvalidated ("" if nothing): the target of the symlink, or the content of the
+    text file that roots written before ``latest`` became a symlink have (still read: backwards compatible)."""
+    path = root / LATEST_FILE
+    try:
+        return os.readlink(path).strip()
+    except OSError:  # missing, or not a symlink (EINVAL): an old-format text file, or a copy that followed the link
+        pass
+    try:
+        return path.read_text(encoding="utf-8").strip()[:100]
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def read_info(path: Path) -> CheckpointInfo | None:

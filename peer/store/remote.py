@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from peer.store.checkpoint import LATEST_FILE, NAME
+from peer.store.checkpoint import LATEST_FILE, NAME, checkpoint_name
 from peer.store.errors import CheckpointError
 from peer.store.metadata import METADATA_FILE, CheckpointMetadata
 
@@ -21,14 +21,30 @@ _MAX_METADATA_BYTES = 1 << 20
 
 
 def fetch_metadata(given: str) -> tuple[str, CheckpointMetadata]:
-    """``(checkpoint base URL, metadata)``; the URL may name a checkpoint or a root serving ``latest``."""
+    """``(checkpoint base URL, metadata)``; the URL may name a checkpoint or a root serving ``latest``.
+
+    A root's ``latest`` is resolved to the ``epoch-*`` checkpoint it names at the time of the call (the base URL
+    returned names that checkpoint, not ``latest``), so that the files downloaded next all belong to one checkpoint
+    even if a newer one is published meanwhile. A root is tried as ``<url>/latest/bertswarm.json`` (the coordinator,
+    or a static server of a root whose ``latest`` is a symlink), then as a text file ``<url>/latest`` naming the
+    checkpoint (roots written before ``latest`` became a symlink: backwards compatible).
+    """
     url = given.rstrip("/")
     try:
-        return url, CheckpointMetadata.parse(_get(f"{url}/{METADATA_FILE}", given), given)
+        meta = CheckpointMetadata.parse(_get(f"{url}/{METADATA_FILE}", given), given)
+        if url.endswith(f"/{LATEST_FILE}"):
+            return _pinned(url.removesuffix(f"/{LATEST_FILE}"), url, meta, given)
+        return url, meta
     except urllib.error.HTTPError as e:
         if e.code != 404:
             raise _http_error(url, e) from None
     try:
+        meta = CheckpointMetadata.parse(_get(f"{url}/{LATEST_FILE}/{METADATA_FILE}", given), given)
+        return _pinned(url, f"{url}/{LATEST_FILE}", meta, given)
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise _http_error(f"{url}/{LATEST_FILE}", e) from None
+    try:  # an old-format root: latest is a text file holding the checkpoint's name
         name = _get(f"{url}/{LATEST_FILE}", given).decode("utf-8", "replace").strip()
     except urllib.error.HTTPError as e:
         raise CheckpointError(
@@ -43,6 +59,17 @@ def fetch_metadata(given: str) -> tuple[str, CheckpointMetadata]:
         return base, CheckpointMetadata.parse(_get(f"{base}/{METADATA_FILE}", given), base)
     except urllib.error.HTTPError as e:
         raise _http_error(base, e) from None
+
+
+def _pinned(root: str, latest: str, meta: CheckpointMetadata, given: str) -> tuple[str, CheckpointMetadata]:
+    """The checkpoint ``latest`` resolved to, by name (``<root>/epoch-NNNNNN``); ``latest`` itself if the server has
+    no such name (the sha256 check after the download still catches a mix of two checkpoints)."""
+    base = f"{root}/{checkpoint_name(meta.epoch)}"
+    try:
+        pinned = CheckpointMetadata.parse(_get(f"{base}/{METADATA_FILE}", given), base)
+    except (urllib.error.HTTPError, CheckpointError):
+        return latest, meta
+    return (base, pinned) if pinned.sha256 == meta.sha256 else (latest, meta)
 
 
 def download(url: str, target: Path, where: str, limit: int) -> None:

@@ -4,8 +4,8 @@
 
 Writes ``epoch-000001`` under ROOT completely, then ``epoch-000002`` with ``keep=1`` (so the write also prunes epoch
 1), killing itself with SIGKILL just before the KILL_AT-th write step (1-based). Write steps are the calls of
-``os.mkdir/write/fsync/rename/replace/unlink/rmdir`` and of the safetensors and tokenizer writers. ``KILL_AT 0`` kills
-nowhere and prints the steps, in order, as a JSON list of names.
+``os.mkdir/write/fsync/rename/symlink/replace/unlink/rmdir`` and of the safetensors and tokenizer writers.
+``KILL_AT 0`` kills nowhere and prints the steps, in order, as a JSON list of names.
 
 The weights, config, tokenizer and run of SOURCE (a checkpoint written by the test) are reused through
 ``write_state_checkpoint``, so the worker imports no hivemind and builds no model; transformers is imported only to
@@ -24,7 +24,7 @@ from peer.data.tokenizer import load_tokenizer
 from peer.store import checkpoint
 from peer.store.load import load_checkpoint
 
-OS_STEPS = ("mkdir", "write", "fsync", "rename", "replace", "unlink", "rmdir")
+OS_STEPS = ("mkdir", "write", "fsync", "rename", "symlink", "replace", "unlink", "rmdir")
 MODULE_STEPS = ("save_file", "save_tokenizer")  # names bound in peer.store.checkpoint
 
 

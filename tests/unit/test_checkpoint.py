@@ -91,7 +91,7 @@ def test_round_trip_through_transformers(tiny, tmp_path, monkeypatch):
     names = {p.name for p in path.iterdir()}
     # safetensors only, no pickle; transformers < 5 also writes special_tokens_map.json
     assert set(FILES) <= names and names - set(FILES) <= {"special_tokens_map.json"}
-    assert (tmp_path / "latest").read_text() == "epoch-000003\n"
+    assert os.readlink(tmp_path / "latest") == "epoch-000003"  # relative: a copy of the root stays valid
 
     hf, loading = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
     assert type(hf).__name__ == "BertForMaskedLM"
@@ -162,11 +162,43 @@ def test_rewriting_an_epoch_keeps_this_runs_and_replaces_another_runs(tiny, tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_latest_is_a_loadable_symlink(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write(tmp_path, tiny, 1)
+    write(tmp_path, tiny, 2)
+    latest = tmp_path / "latest"
+    assert latest.is_symlink() and os.readlink(latest) == "epoch-000002"
+    model = AutoModelForMaskedLM.from_pretrained(latest)
+    assert equal_state(model.state_dict(), tiny.model.state_dict())
+    fill = pipeline("fill-mask", model=str(latest), device="cpu")
+    assert len(fill("the [MASK] of the function.")) == 5
+    copied = tmp_path.parent / f"{tmp_path.name}-copy"
+    shutil.copytree(tmp_path, copied, symlinks=True)  # like rsync -a: the relative link names the copy's checkpoint
+    assert latest_path(copied) == copied / "epoch-000002" and (copied / "latest").resolve() == copied / "epoch-000002"
+
+
+def test_old_text_file_latest_is_still_read(tiny, tmp_path, source):
+    """Roots written before ``latest`` became a symlink: the text file is read, and the next write replaces it."""
+    shutil.copytree(source, tmp_path / source.name)
+    (tmp_path / "latest").write_text(f"{source.name}\n")
+    assert latest_path(tmp_path) == tmp_path / source.name
+    load_checkpoint(tmp_path, tiny.manifest.fingerprint)
+    write(tmp_path, tiny, 2)
+    assert os.readlink(tmp_path / "latest") == "epoch-000002"
+
+
 def test_damaged_latest_falls_back_to_the_newest(tiny, tmp_path):
     assert latest_path(tmp_path) is None and latest_path(tmp_path / "missing") is None
     write(tmp_path, tiny, 1)
     write(tmp_path, tiny, 2)
-    (tmp_path / "latest").write_text("../../etc\n")
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").symlink_to("../../etc")
+    assert latest_path(tmp_path) == tmp_path / "epoch-000002"
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").symlink_to("epoch-000009")  # dangling
+    assert latest_path(tmp_path) == tmp_path / "epoch-000002"
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").write_text("../../etc\n")  # an old-format text file
     assert latest_path(tmp_path) == tmp_path / "epoch-000002"
     (tmp_path / "latest").write_text("epoch-000001\n")
     assert latest_path(tmp_path) == tmp_path / "epoch-000001"
@@ -179,6 +211,7 @@ def test_leftovers_are_removed_by_the_next_write(tiny, tmp_path):
     (tmp_path / ".tmp-epoch-000009-123").mkdir(parents=True)
     (tmp_path / ".tmp-epoch-000009-123" / "model.safetensors").write_bytes(b"partial")
     (tmp_path / ".tmp-latest-123").write_text("epoch-000009")
+    (tmp_path / ".tmp-latest-124").symlink_to("epoch-000009")  # a crashed writer's temp symlink, dangling
     write(tmp_path, tiny, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "epoch-000001", "latest"]
 
@@ -373,13 +406,55 @@ def served(source):
 
 def test_load_from_url(tiny, source, served):
     local_state, local_meta = load_checkpoint(source, None)
-    for url in (f"{served}/{source.name}", f"{served}/{source.name}/", served):  # a checkpoint, or a root's latest
+    urls = (f"{served}/{source.name}", f"{served}/{source.name}/", served, f"{served}/latest")
+    for url in urls:  # a checkpoint, or a root's latest (a symlink, served as a directory)
         state, meta = load_checkpoint(url, tiny.manifest.fingerprint)
         assert equal_state(state, local_state) and meta == local_meta
     with pytest.raises(UserError, match="checkpoint of another run"):
         load_checkpoint(f"{served}/{source.name}", "0" * 64)
     with pytest.raises(CheckpointError, match=r"^\S+/nope: no bertswarm.json or latest there \(HTTP 404\)"):
         load_checkpoint(f"{served}/nope", None)
+
+
+def test_url_of_a_root_resolves_latest_to_its_checkpoint(tiny, tmp_path):
+    """The coordinator's ``/checkpoints/latest/...`` and an old-format root (text ``latest``) over HTTP; a root URL
+    is pinned to the checkpoint ``latest`` names, so a newer one published mid-download cannot mix files."""
+    import asyncio
+
+    from coordinator import http as coordinator_http
+    from peer.store import remote
+
+    new_root, old_root = tmp_path / "new", tmp_path / "old"
+    write(new_root, tiny, 1)
+    write(new_root, tiny, 2)
+    shutil.copytree(new_root / "epoch-000001", old_root / "epoch-000001")
+    (old_root / "latest").write_text("epoch-000001\n")
+
+    async def main():
+        runners, urls = [], []
+        for root in (new_root, old_root):
+            app = coordinator_http.make_app(SimpleNamespace(checkpoint_root=root))
+            app.router.add_static("/static", root, follow_symlinks=True)
+            runner, port = await coordinator_http.serve(app, "127.0.0.1", 0)
+            runners.append(runner)
+            urls.append(f"http://127.0.0.1:{port}")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, resolve, *urls)
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+
+    def resolve(new, old):
+        return [
+            (base.removeprefix(new), meta.epoch)
+            for base, meta in map(remote.fetch_metadata, [f"{new}/checkpoints", f"{new}/checkpoints/latest"])
+        ] + [(remote.fetch_metadata(f"{old}/static")[0].removeprefix(old), 1)]
+
+    assert asyncio.run(main()) == [
+        ("/checkpoints/epoch-000002", 2),
+        ("/checkpoints/epoch-000002", 2),
+        ("/static/epoch-000001", 1),
+    ]
 
 
 def test_load_from_unreachable_url():
@@ -398,9 +473,10 @@ def test_load_from_unreachable_url():
 # mkdir (root, exists) · mkdir (temp dir) · write config.json · save_file · save_tokenizer · mkdir x2 (by the
 # tokenizer writer and transformers' save_pretrained, exists) · fsync x5 (every file) · write bertswarm.json · fsync
 # it · fsync temp dir · rename to epoch-000002 · fsync root · write latest temp · fsync it · replace latest · fsync
-# root · rename epoch-000001 away · fsync root · unlink x6 · rmdir. The worker is killed just *before* step N, for
-# every N. The tokenizer's share depends on the installed transformers (which files it writes).
-KILL_STEPS = 30
+# root · temp symlink to epoch-000002 · replace latest with it · fsync root · rename epoch-000001 away · fsync root ·
+# unlink x6 · rmdir. The worker is killed just *before* step N, for every N. The tokenizer's share depends on the
+# installed transformers (which files it writes).
+KILL_STEPS = 29
 WORKER_TIMEOUT = 60
 
 
@@ -448,7 +524,10 @@ def test_kill_leaves_only_complete_checkpoints(tiny, killed, step):
     assert set(visible(root)) - {"epoch-000001", "epoch-000002"} == {".lock", "latest"}
     latest = latest_path(root)
     assert latest == root / ("epoch-000002" if step > pointed else "epoch-000001")
-    assert equal_state(AutoModelForMaskedLM.from_pretrained(latest).state_dict(), tiny.model.state_dict())
+    # the symlink itself: always there, never dangling, naming a complete checkpoint, loadable as is
+    link = root / "latest"
+    assert link.is_symlink() and os.readlink(link) == latest.name and link.resolve() == latest.resolve()
+    assert equal_state(AutoModelForMaskedLM.from_pretrained(link).state_dict(), tiny.model.state_dict())
     load_checkpoint(root, tiny.manifest.fingerprint)  # sha256 and finiteness verified
 
     write(root, tiny, 3, keep=1)  # the next write removes the leftovers
