@@ -2,7 +2,7 @@
 
 import importlib
 
-NAMES = ["throughput", "averaging_round", "quality", "join", "slowlink", "dht", "scaling", "diloco"]
+NAMES = ["throughput", "averaging_round", "quality", "join", "slowlink", "dht", "scaling", "diloco", "data"]
 
 
 def load(name: str):

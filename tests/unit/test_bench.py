@@ -248,3 +248,25 @@ def test_diloco_scenario_arms_train_the_same_samples_and_rows_take_ratios_per_re
     assert speed["values"][0] == pytest.approx(1.2) and math.isnan(speed["values"][1]) and speed["goal"] == ">= 1.0"
     assert rows["held-out MLM loss, diloco (H=64, int8) ÷ sync, same samples"]["values"][0] == pytest.approx(1.01)
     assert rows["held-out loss (H=16), outer_overlap true ÷ false"]["values"] == [pytest.approx(1.1)] * 2
+
+
+def test_data_scenario_rows_take_ratios_per_repetition_and_per_worker():
+    from bench.scenarios import data
+
+    raw = {
+        "anchor": [{"tokens_per_s": 100.0}, {"tokens_per_s": 200.0}],
+        "prep_1": [{"tokens_per_s": 90.0}, {"tokens_per_s": 190.0}],
+        "prep_2": [{"tokens_per_s": 180.0}, {"tokens_per_s": 300.0}],
+        "peer_10MB": [{"startup_s": 5.0, "peak_rss_mib": 700.0}] * 2,
+        "peer_5GB": [{"startup_s": 5.5, "peak_rss_mib": 710.0}, {"startup_s": None, "peak_rss_mib": 700.0}],
+        "batch_wait": [{"ratio": 0.002, "max_wait_s": 0.01, "step_s": 0.5}] * 2,
+    }
+    rows = {r["metric"]: r for r in data.build_rows(raw, "5GB")}
+    assert rows["preparation, 1 worker ÷ tokenizers encode_batch (tokens/s)"]["values"] == [0.9, 0.95]
+    per_worker = rows["preparation, 2 workers ÷ (2 × tokenizers encode_batch) (tokens/s per worker)"]["values"]
+    assert per_worker == [0.9, 0.75]
+    startup = rows["peer start-up, 5GB ÷ 10MB prepared dataset"]
+    assert (
+        startup["values"][0] == pytest.approx(1.1) and math.isnan(startup["values"][1]) and startup["goal"] == "<= 1.1"
+    )
+    assert rows["batch wait ÷ training step time"]["values"] == [0.002, 0.002]
