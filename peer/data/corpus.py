@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -65,9 +64,10 @@ def iter_documents(
     paths: Sequence[str | os.PathLike[str]], *, stream_hf: bool = True, on_empty: Callable[[], None] | None = None
 ) -> Iterator[tuple[str, str]]:
     """``(source, document)`` pairs of the entries :func:`load_documents` accepts, in the same order, lazily: local
-    files are read one at a time (memory is bounded by the largest file), and with ``stream_hf`` an ``hf:`` dataset
-    is streamed (``datasets``' ``streaming=True``), never materialised. ``source`` names the file or the entry.
-    ``on_empty`` is called for each empty record skipped (a JSONL line or dataset row whose text is blank)."""
+    files are streamed line by line (memory is bounded by the longest line or paragraph), and with ``stream_hf`` an
+    ``hf:`` dataset is streamed (``datasets``' ``streaming=True``), never materialised. ``source`` names the file or
+    the entry. ``on_empty`` is called for each empty record skipped (a JSONL line or dataset row whose text is
+    blank)."""
     if not paths:
         raise UserError(f"no corpus given; {_DATA_HINT}")
     seen_files: set[Path] = set()
@@ -105,38 +105,64 @@ def _expand(entry: str) -> list[Path]:
     raise InputError(entry, f"no such file or directory; {_DATA_HINT}")
 
 
-def _read_file(path: Path, on_empty: Callable[[], None] | None = None) -> list[str]:
+def _read_file(path: Path, on_empty: Callable[[], None] | None = None) -> Iterator[str]:
+    """The documents of one file, streamed: memory is bounded by the longest line (JSONL) or paragraph (text), not the
+    file, so a single 20 GB dump can be prepared. Problems are raised when reached (naming the file and the offset)."""
+    documents = _parse_jsonl(path, on_empty) if path.suffix == ".jsonl" else _split_paragraphs(path)
+    empty = True
+    for document in documents:
+        empty = False
+        yield document
+    if empty:
+        raise InputError(path, "no non-empty documents; pass a file with text in it")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 file (a BOM at the start is dropped), read through a buffer. Raises
+    :class:`~peer.errors.InputError` for an unreadable, binary (NUL bytes), non-UTF-8 or blank file."""
     try:
-        data = path.read_bytes()
+        f = path.open("rb")  # noqa: SIM115 - closed below (the with), after its own errors are told apart
     except PermissionError:
         raise InputError(path, "permission denied; make the file readable or pass another file") from None
     except OSError as exc:
         raise InputError(path, f"cannot read ({exc.strerror or exc}); {_DATA_HINT}") from None
-    if b"\0" in data:
-        raise InputError(path, "binary file (contains NUL bytes); pass UTF-8 text (.txt) or .jsonl")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            path, f"not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 or pass another file"
-        ) from None
-    if not text.strip():
+    offset, text_seen = 0, False
+    with f:
+        try:
+            for number, raw in enumerate(f, start=1):
+                if b"\0" in raw:
+                    raise InputError(path, "binary file (contains NUL bytes); pass UTF-8 text (.txt) or .jsonl")
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(path, f"not UTF-8 text (bad byte at offset {offset + exc.start}); convert it "
+                                     "to UTF-8 or pass another file") from None  # fmt: skip
+                offset += len(raw)
+                text_seen = text_seen or bool(line.strip())
+                yield number, line
+        except OSError as exc:
+            raise InputError(path, f"cannot read ({exc.strerror or exc}); {_DATA_HINT}") from None
+    if not text_seen:
         raise InputError(path, "file is empty; pass a file with text in it")
-    documents = _parse_jsonl(path, text, on_empty) if path.suffix == ".jsonl" else _split_paragraphs(text)
-    if not documents:
-        raise InputError(path, "no non-empty documents; pass a file with text in it")
-    return documents
 
 
-def _split_paragraphs(text: str) -> list[str]:
+def _split_paragraphs(path: Path) -> Iterator[str]:
     """Documents of a .txt file: blocks separated by blank (or whitespace-only) lines, inner newlines kept."""
-    blocks = re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n"))
-    return [block.strip() for block in blocks if block.strip()]
+    block: list[str] = []
+    for _number, line in _lines(path):
+        line = line.replace("\r\n", "\n")
+        if line.strip(" \t\r\f\v\n"):
+            block.append(line)
+            continue
+        if "".join(block).strip():
+            yield "".join(block).strip()
+        block = []
+    if "".join(block).strip():
+        yield "".join(block).strip()
 
 
-def _parse_jsonl(path: Path, text: str, on_empty: Callable[[], None] | None = None) -> list[str]:
-    documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _parse_jsonl(path: Path, on_empty: Callable[[], None] | None = None) -> Iterator[str]:
+    for number, line in _lines(path):
         if not line.strip():
             continue
         try:
@@ -146,10 +172,9 @@ def _parse_jsonl(path: Path, text: str, on_empty: Callable[[], None] | None = No
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InputError(f"{path}:{number}", 'expected a JSON object with a string field "text"; fix that line')
         if record["text"].strip():
-            documents.append(record["text"].strip())
+            yield record["text"].strip()
         elif on_empty is not None:
             on_empty()
-    return documents
 
 
 def _parse_hf_entry(entry: str) -> tuple[str, str | None, str]:

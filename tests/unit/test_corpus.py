@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.data import embedded
+from peer.data import corpus, embedded
 from peer.data.corpus import load_documents, shard_order, split_heldout
 from peer.data.embedded import clean_prose, default_corpus
 from peer.errors import UserError
@@ -189,14 +189,14 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, line, problem):
 def test_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "secret.txt"
     path.write_text("private", encoding="utf-8")
-    real_read_bytes = Path.read_bytes
+    real_open = Path.open
 
-    def read_bytes(self):
+    def path_open(self, *args, **kwargs):
         if self.name == "secret.txt":
             raise PermissionError(13, "Permission denied", str(self))
-        return real_read_bytes(self)
+        return real_open(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)  # chmod 000 does not stop root
+    monkeypatch.setattr(Path, "open", path_open)  # chmod 000 does not stop root
     assert "permission denied" in _user_error([str(path)])
 
 
@@ -295,3 +295,25 @@ def test_shard_order_is_a_seeded_permutation():
     assert shard_order(0, seed=3).tolist() == []
     with pytest.raises(ValueError):
         shard_order(10, seed=-1)
+
+
+def test_files_are_streamed_not_read_whole(tmp_path, monkeypatch):
+    """A 20 GB dump must not be read into memory: documents come out before the file has been read to its end, and
+    the in-memory reading helpers are not used."""
+    path = tmp_path / "dump.jsonl"
+    path.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(10_000)), encoding="utf-8")
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read the whole file"))
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: pytest.fail("read the whole file"))
+    documents = corpus.iter_documents([str(path)])
+    assert next(documents) == (str(path), "document 0")
+    assert sum(1 for _ in documents) == 9_999
+
+
+def test_text_paragraphs_and_bad_bytes_are_found_while_streaming(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst line\r\nstill first\r\n \t\r\nsecond\n\n\n  third  \n")
+    assert [doc for _, doc in corpus.iter_documents([str(path)])] == ["first line\nstill first", "second", "third"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\nalso fine\n\xff\xfe broken\n")
+    message = _user_error([str(bad)])
+    assert "not UTF-8 text (bad byte at offset 16)" in message and str(bad) in message
