@@ -1,10 +1,10 @@
 """The one source of bertswarm's dashboards and alert rules: Grafana JSON and Prometheus rules are generated here.
 
-Every metric name comes from ``peer.telemetry``, so a renamed metric cannot silently leave a panel empty.
-``python -m monitoring.build`` rewrites the generated files; ``--check`` fails if they are out of date (a test runs
-it). Each alert carries a *signal*: the series the alert looks at. On a healthy swarm the signal returns data and
-the alert's expression returns none; the tests check both against a live swarm, and ``rules.test.yml`` checks that
-every alert fires on the faults it is for.
+Every metric name comes from ``peer.telemetry`` or ``serve.metrics``, so a renamed metric cannot silently leave a
+panel empty. ``python -m monitoring.build`` rewrites the generated files; ``--check`` fails if they are out of date (a
+test runs it). Each alert carries a *signal*: the series the alert looks at. On a healthy swarm the signal returns
+data and the alert's expression returns none; the tests check both against a live swarm, and ``rules.test.yml``
+checks that every alert fires on the faults it is for.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 from monitoring import local
 from peer import telemetry as m
 from peer.run.schema import MAX_LOSS
+from serve import metrics as sm
 
 HERE = Path(__file__).resolve().parent
 DASHBOARD_DIR = HERE / "grafana" / "dashboards"
@@ -81,9 +82,12 @@ def _select(metric: str, selector: str) -> str:
     return f"{metric}{{{selector}}}" if selector else metric
 
 
-def _quantiles(metric: str, selector: str = "") -> tuple[Query, ...]:
-    inner = f"sum by (le) (rate({_select(metric + '_bucket', selector)}[{RATE}]))"
-    return (Query(f"histogram_quantile(0.5, {inner})", "median"), Query(f"histogram_quantile(0.95, {inner})", "p95"))
+def _quantiles(metric: str, selector: str = "", by: str = "", quantiles=((0.5, "median"), (0.95, "p95"))):
+    """histogram_quantile of ``metric``'s buckets, one query per (quantile, legend); ``by`` keeps a label apart."""
+    group = f"le, {by}" if by else "le"
+    inner = f"sum by ({group}) (rate({_select(metric + '_bucket', selector)}[{RATE}]))"
+    prefix = f"{{{{{by}}}}} " if by else ""
+    return tuple(Query(f"histogram_quantile({q}, {inner})", prefix + legend) for q, legend in quantiles)
 
 
 def _defences(selector: str = "") -> tuple[Query, ...]:
@@ -222,7 +226,78 @@ MY_PEER = Dashboard(
     ),
 )
 
-DASHBOARDS = (SWARM, MY_PEER)
+_P50_P99 = ((0.5, "p50"), (0.99, "p99"))
+_served = f"min({sm.STEP})"
+
+SERVING = Dashboard(
+    uid="bertswarm-serving",
+    file="serving.json",
+    title="bertswarm / Serving",
+    description="Every scraped bertswarm-serve: requests, latency, dynamic batching and the checkpoint it serves "
+    "against the coordinator's newest.",
+    panels=(
+        Panel(
+            "Requests/s", _q(f"sum(rate({sm.REQUESTS}_total[{RATE}]))"), kind="stat", unit="reqps", width=6, height=4
+        ),  # fmt: skip
+        Panel("Served step (oldest server)", _q(_served), kind="stat", width=6, height=4),
+        Panel(
+            "Steps behind the coordinator's checkpoint",
+            _q(f"max({m.CHECKPOINT_EPOCH}) - {_served}"),
+            kind="stat",
+            width=6,
+            height=4,
+            description="Newest published checkpoint step minus the step the slowest server answers with.",
+        ),
+        Panel(
+            "Refused checkpoints",
+            _q(f'sum(increase({sm.RELOADS}_total{{outcome="refused"}}[1h]))'),
+            kind="stat",
+            width=6,
+            height=4,
+            description="Checkpoints that failed verification in the last hour (the old one kept serving).",
+        ),
+        Panel(
+            "Requests/s by endpoint and code",
+            _q(f"sum by (endpoint, code) (rate({sm.REQUESTS}_total[{RATE}]))", "{{endpoint}} {{code}}"),
+            unit="reqps",
+            description="4xx: the client's request was wrong; 503: no checkpoint loaded yet.",
+        ),
+        Panel(
+            "Latency by endpoint",
+            _quantiles(sm.REQUEST_SECONDS, by="endpoint", quantiles=_P50_P99),
+            unit="s",
+            description="From reading the request to the answer, batching wait included.",
+        ),
+        Panel(
+            "Served step vs published checkpoint",
+            (
+                Query(sm.STEP, "served ({{instance}})"),
+                Query(m.CHECKPOINT_EPOCH, "published (coordinator)"),
+            ),
+        ),
+        Panel(
+            "Checkpoint reloads",
+            _q(f"sum by (outcome) (increase({sm.RELOADS}_total[{RATE}]))", "{{outcome}}"),
+            description="loaded: swapped in; refused: failed verification (one warning, the old one keeps serving); "
+            "failed: went away while loading (retried).",
+        ),
+        Panel(
+            "Batch size (inputs per model call)",
+            (
+                *_quantiles(sm.BATCH_SIZE, quantiles=_P50_P99),
+                Query(f"sum(rate({sm.BATCH_SIZE}_sum[{RATE}])) / sum(rate({sm.BATCH_SIZE}_count[{RATE}]))", "mean"),
+            ),
+            description="Dynamic batching: requests that arrive within --batch-window-ms share one forward pass.",
+        ),
+        Panel(
+            "Model calls/s",
+            _q(f"sum(rate({sm.BATCH_SIZE}_count[{RATE}]))", "forward passes/s"),
+            unit="ops",
+        ),
+    ),
+)
+
+DASHBOARDS = (SWARM, MY_PEER, SERVING)
 
 CHECKPOINT_MAX_AGE_SECONDS = 2 * 3600
 _rounds = f"{m.PEER_AVERAGING_ROUNDS}_total"

@@ -2,7 +2,7 @@
 
 import importlib
 
-NAMES = ["throughput", "averaging_round", "quality", "join", "slowlink", "dht", "scaling", "diloco", "data"]
+NAMES = ["throughput", "averaging_round", "quality", "join", "slowlink", "dht", "scaling", "diloco", "data", "serve"]
 
 
 def load(name: str):

@@ -1,12 +1,20 @@
-"""A real Prometheus scrapes a live swarm (2 peers and the coordinator) with monitoring/'s rules loaded; then every
+"""A real Prometheus scrapes a live swarm (2 peers, the coordinator and a ``bertswarm-serve`` answering a trickle of
+requests from the coordinator's checkpoints) with monitoring/'s rules loaded; then every
 PromQL expression of every dashboard panel must return at least one series, every alert's signal must return data
 and no alert may fire on the healthy swarm."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +25,7 @@ from tests.unit.test_monitoring import dashboard_exprs
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(300)]
 
+REPO = Path(__file__).resolve().parents[2]
 RATE_WINDOW = "30s"  # what Grafana's $__rate_interval becomes here: the test scrapes every second
 
 
@@ -46,18 +55,28 @@ def test_prometheus_sees_every_panel_and_rule_on_a_live_swarm(swarm, tmp_path):
     second = swarm.start("peer-1", join=first)
     coordinator = swarm.start_coordinator("coordinator", "--checkpoint-every", "2", "--tick", "1",
                                           "--checkpoint-dir", str(tmp_path / "checkpoints"), join=first)  # fmt: skip
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    serve_port = free_port()
+    serve_log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 (closed in finally)
+    server = subprocess.Popen([sys.executable, "-m", "serve", "--checkpoints", str(tmp_path / "checkpoints"),
+                               "--port", str(serve_port), "--poll-seconds", "1"], cwd=REPO, stdout=serve_log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    stop_clients = threading.Event()
+    client = threading.Thread(target=_ask_until, args=(f"http://127.0.0.1:{serve_port}", stop_clients), daemon=True)
+    client.start()
     listen = f"127.0.0.1:{free_port()}"
     config = local.prometheus_config(
         [f"127.0.0.1:{swarm.ports[coordinator.name]}"],
         [f"127.0.0.1:{swarm.ports[p.name]}" for p in (first, second)],
         interval="1s",
+        serves=[f"127.0.0.1:{serve_port}"],
     )
     with open(tmp_path / "prometheus.log", "wb") as log:
         prometheus = local.start_prometheus(config, tmp_path / "prometheus", listen, log=log)
     api = PrometheusAPI(listen)
     try:
         swarm.wait_until("prometheus to answer", lambda: api.get("status/buildinfo"), timeout=60)
-        swarm.wait_until("all three targets up", lambda: len(api.query("up == 1")) == 3, timeout=90)
+        swarm.wait_until("all four targets up", lambda: len(api.query("up == 1")) == 4, timeout=90)
         # a published checkpoint (eval and checkpoint metrics) and averaging rounds on both peers
         swarm.wait_until("a checkpoint", lambda: api.query(f"{build.m.CHECKPOINT_EPOCH} >= 2"), timeout=200)
 
@@ -90,5 +109,23 @@ def test_prometheus_sees_every_panel_and_rule_on_a_live_swarm(swarm, tmp_path):
             assert api.query(alert.expr) == [], alert.name
         assert api.get("alerts")["alerts"] == []
     finally:
+        stop_clients.set()
+        client.join(timeout=30)
         prometheus.terminate()
         prometheus.wait(timeout=30)
+        os.kill(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        serve_log.close()
+
+
+def _ask_until(url: str, stop: threading.Event) -> None:
+    """A fill-mask request every 0.2 s (503 until the first checkpoint is served), so the serving panels have data."""
+    body = json.dumps({"inputs": ["the [MASK] of the function."]}).encode()
+    while not stop.wait(0.2):
+        request = urllib.request.Request(url + "/v1/fill-mask", data=body, headers={"Content-Type": "application/json"})
+        with contextlib.suppress(OSError):  # HTTPError (503 before a checkpoint) too: the server counts it all the same
+            urllib.request.urlopen(request, timeout=10).close()

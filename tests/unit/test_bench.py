@@ -270,3 +270,31 @@ def test_data_scenario_rows_take_ratios_per_repetition_and_per_worker():
         startup["values"][0] == pytest.approx(1.1) and math.isnan(startup["values"][1]) and startup["goal"] == "<= 1.1"
     )
     assert rows["batch wait ÷ training step time"]["values"] == [0.002, 0.002]
+
+
+def test_serve_scenario_rows_take_ratios_per_repetition_and_check_steps_per_client():
+    from bench.scenarios import serve
+
+    answers = [[(1.0, 200, 1), (2.0, 200, 2), (3.5, 200, 3)], [(1.5, 503, -1), (2.5, 200, 2), (2.6, 0, -1)]]
+    load = serve.summarize_load(answers, {2: 1.8, 3: 3.0, 4: 3.9})
+    assert load["failed"] == 2 and load["forward_only"] and load["requests"] == 6 and load["unseen"] == 1
+    assert load["lags_s"] == [pytest.approx(0.2), pytest.approx(0.5)]
+    assert not serve.summarize_load([[(1.0, 200, 2), (2.0, 200, 1)]], {})["forward_only"]
+
+    cfg = serve.config(quick=True)
+    assert (cfg["clients"], cfg["load_s"], cfg["publish_every_s"]) == (32, 15, 3)
+    assert serve.config(quick=False)["load_s"] == 60 and serve.config(quick=False)["publish_every_s"] == 10
+    raw = {
+        "serve": [{"requests_per_s": 300.0, "p50_s": 0.1, "p99_s": 0.2, "failed": 0}, {"error": "boom"}],
+        "pipeline": [{"requests_per_s": 100.0, "p50_s": 0.01, "p99_s": 0.02}] * 2,
+        "load": [{**load, "lags_s": [1.0, 3.0, 2.0]}, {"error": "boom"}],
+    }
+    rows = {r["metric"]: r for r in serve.build_rows(raw, cfg)}
+    ratio = rows["bertswarm-serve (32 clients, dynamic batching) ÷ pipeline loop (requests/s)"]
+    assert ratio["values"] == [3.0, None] and ratio["goal"] == ">= 2.0"
+    assert rows["load test: failed requests"]["values"] == [2, None]
+    assert rows["load test: steps only move forward per client (1 = yes)"]["values"] == [1.0, None]
+    assert rows["load test: publish → first answer with the new step (median)"]["values"] == [2.0, None]
+    assert rows["load test: publish → first answer with the new step (max)"]["values"] == [3.0, None]
+    assert report.goal_met(ratio["goal"], 3.0) == "met"
+    assert len(serve.texts(40)) == 40 and all(t.count("[MASK]") == 1 for t in serve.texts(40))

@@ -19,6 +19,9 @@ from coordinator.config import CoordinatorConfig
 from monitoring import build
 from peer.cli import build_parser, parse_config
 from peer.config import PeerConfig
+from serve.cli import DESCRIPTION as SERVE_DESCRIPTION
+from serve.cli import GROUPS as SERVE_GROUPS
+from serve.config import ServeConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,9 +32,12 @@ FAKE_JOIN = "/ip4/127.0.0.1/tcp/31337/p2p/QmcgpsyWgH8Y8ajJz1Cu72KnS5uo2Aa2LpzU7k
 
 
 def parse(config_cls, argv: list[str], environ: dict):
-    """bertswarm's own CLI parsing (flags, BERTSWARM_* variables, validation) of the peer or the coordinator."""
+    """bertswarm's own CLI parsing (flags, BERTSWARM_* variables, validation) of the peer, coordinator or server."""
     if config_cls is PeerConfig:
         return parse_config(argv, environ=environ)
+    if config_cls is ServeConfig:
+        parser = build_parser(ServeConfig, "bertswarm-serve", SERVE_DESCRIPTION, SERVE_GROUPS)
+        return parse_config(argv, environ=environ, parser=parser, config_cls=ServeConfig)
     parser = build_parser(CoordinatorConfig, "bertswarm-coordinator", DESCRIPTION, GROUPS)
     return parse_config(argv, environ=environ, parser=parser, config_cls=CoordinatorConfig)
 
@@ -138,6 +144,28 @@ def test_ports_and_names_agree_across_compose_prometheus_grafana_and_the_code():
     assert Path(home).parent.as_posix() == dashboards_in_container
     assert (build.DASHBOARD_DIR / Path(home).name).is_file()
     assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def test_the_server_serves_the_coordinator_s_checkpoints_and_is_scraped_and_health_checked():
+    services = compose()["services"]
+    coordinator_cfg, _ = parse(CoordinatorConfig, dockerfile_stages()["coordinator"][1:], {"BERTSWARM_JOIN": FAKE_JOIN})
+    serve = services["serve"]
+    assert serve["command"][0] == "bertswarm-serve"
+    cfg, explicit = parse(ServeConfig, serve["command"][1:], {})
+    assert {"checkpoints", "host", "port"} <= explicit
+    assert cfg.checkpoints == f"http://coordinator:{coordinator_cfg.http_port}/checkpoints"  # inside the network
+    assert cfg.host == "0.0.0.0" and "coordinator" in serve["depends_on"]
+    assert [interpolate(p) for p in serve["ports"]] == [f"127.0.0.1:{cfg.port}:{cfg.port}"]  # loopback on the host
+    assert (serve["image"], serve["build"]) == (services["coordinator"]["image"], services["coordinator"]["build"])
+    probe = " ".join(serve["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{cfg.port}/healthz" in probe and serve["healthcheck"]["test"][:2] == ["CMD", "python"]
+    seconds = {"s": 1, "m": 60}
+    grace = serve["stop_grace_period"]
+    assert int(grace[:-1]) * seconds[grace[-1]] > cfg.shutdown_seconds  # in-flight requests finish on `down`
+    prometheus = yaml.safe_load((build.HERE / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    (serve_sd,) = jobs["bertswarm-serve"]["dns_sd_configs"]
+    assert serve_sd["names"] == ["serve"] and serve_sd["port"] == cfg.port
 
 
 def test_the_containers_command_lines_parse_with_bertswarm_s_own_parsers(tmp_path):

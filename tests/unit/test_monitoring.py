@@ -15,6 +15,8 @@ from coordinator.metrics import SwarmMetrics
 from monitoring import build, local
 from peer import telemetry
 from peer.telemetry import PeerTelemetry
+from serve import metrics as serve_metrics
+from serve.metrics import ServeMetrics
 from tests.binaries import require_binary
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,10 +31,11 @@ def promtool() -> str:
 
 
 def exported_names() -> set[str]:
-    """Every sample name the peer and the coordinator expose (counters with _total, histograms with _bucket...)."""
+    """Every sample name the peer, the coordinator and the server expose (counters with _total, histograms with
+    _bucket...)."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names = set()
-    for registry in (PeerTelemetry().registry, SwarmMetrics().registry):
+    for registry in (PeerTelemetry().registry, SwarmMetrics().registry, ServeMetrics().registry):
         for family in registry.collect():  # families without samples yet (labelled gauges) count too
             names.update(family.name + suffix for suffix in suffixes[family.type])
     return names
@@ -61,6 +64,7 @@ def test_generated_files_are_current():
 def test_every_metric_name_in_dashboards_and_rules_is_exported_by_the_code():
     exported = exported_names()
     assert f"{telemetry.PEER_SAMPLES}_total" in exported and f"{telemetry.PEER_ROUND_DURATION}_bucket" in exported
+    assert f"{serve_metrics.REQUESTS}_total" in exported and f"{serve_metrics.REQUEST_SECONDS}_bucket" in exported
     used = {(where, name) for where, expr in dashboard_exprs() + rule_exprs() for name in NAME.findall(expr)}
     unknown = sorted((where, name) for where, name in used if name not in exported)
     assert not unknown, f"queries use metrics the code does not export: {unknown}"
@@ -69,10 +73,14 @@ def test_every_metric_name_in_dashboards_and_rules_is_exported_by_the_code():
 def test_every_exported_metric_is_on_a_dashboard():
     shown = {name for _, expr in dashboard_exprs() for name in NAME.findall(expr)}
     families = {re.sub(r"_(total|bucket|sum|count|created)$", "", n) for n in shown}
-    declared = {
-        v for k, v in vars(telemetry).items() if k.isupper() and isinstance(v, str) and v.startswith("bertswarm_")
-    }
-    assert declared - families == set(), "metrics defined in peer/telemetry.py but shown on no dashboard"
+    for module in (telemetry, serve_metrics):
+        declared = {
+            v
+            for k, v in vars(module).items()
+            if k.isupper() and k != "PREFIX" and isinstance(v, str) and v.startswith("bertswarm_")
+        }
+        assert declared, module.__name__
+        assert declared - families == set(), f"metrics defined in {module.__name__} but shown on no dashboard"
 
 
 def test_dashboards_are_well_formed_and_use_the_provisioned_datasource():
@@ -97,7 +105,9 @@ def test_dashboards_are_well_formed_and_use_the_provisioned_datasource():
 def test_promtool_accepts_configs_and_rules(tmp_path):
     tool = promtool()
     local_config = tmp_path / "prometheus.yml"
-    local_config.write_text(yaml.safe_dump(local.prometheus_config(["127.0.0.1:9500"], ["127.0.0.1:9400"])))
+    local_config.write_text(
+        yaml.safe_dump(local.prometheus_config(["127.0.0.1:9500"], ["127.0.0.1:9400"], serves=["127.0.0.1:9600"]))
+    )
     for command in (
         ["check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
         ["check", "config", str(local_config)],
