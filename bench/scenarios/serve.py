@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from bench.common import ROOT, free_port
 
 NAME = "serve"
-TITLE = "Serving: dynamic batching vs a pipeline loop, and hot reload under load"
+TITLE = "10. Serving: dynamic batching vs a pipeline loop, and hot reload under load"
 ARMS = ("serve", "pipeline", "load")
 
 _WORDS = ("function", "value", "file", "module", "list", "server", "model", "request", "answer", "checkpoint")
