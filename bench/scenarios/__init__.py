@@ -2,7 +2,19 @@
 
 import importlib
 
-NAMES = ["throughput", "averaging_round", "quality", "join", "slowlink", "dht", "scaling", "diloco", "data", "serve"]
+NAMES = [
+    "throughput",
+    "averaging_round",
+    "quality",
+    "join",
+    "slowlink",
+    "dht",
+    "scaling",
+    "diloco",
+    "data",
+    "serve",
+    "finetune",
+]
 
 
 def load(name: str):

@@ -22,7 +22,7 @@ from peer.errors import InputError, UserError
 logger = logging.getLogger(__name__)
 
 _TEXT_SUFFIXES = (".txt", ".jsonl")
-_HF_PREFIX = "hf:"
+HF_PREFIX = "hf:"
 
 
 def corpus_fingerprint(documents: Iterable[str]) -> str:
@@ -72,7 +72,7 @@ def iter_documents(
         raise UserError(f"no corpus given; {_DATA_HINT}")
     seen_files: set[Path] = set()
     for entry in map(os.fspath, paths):
-        if entry.startswith(_HF_PREFIX):
+        if entry.startswith(HF_PREFIX):
             documents = _stream_hf_dataset(entry, on_empty) if stream_hf else _load_hf_dataset(entry)
             yield from ((entry, document) for document in documents)
             continue
@@ -178,13 +178,13 @@ def _parse_jsonl(path: Path, on_empty: Callable[[], None] | None = None) -> Iter
 
 
 def _parse_hf_entry(entry: str) -> tuple[str, str | None, str]:
-    parts = entry[len(_HF_PREFIX) :].split(":")
+    parts = entry[len(HF_PREFIX) :].split(":")
     if not parts[0] or len(parts) > 3 or not all(parts):
         raise InputError(entry, "expected hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:train")
     return parts[0], parts[1] if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
 
 
-def _open_hf_dataset(entry: str, **kwargs):
+def open_hf_dataset(entry: str, **kwargs):
     name, config, split = _parse_hf_entry(entry)
     try:
         import datasets
@@ -206,7 +206,7 @@ def _hf_error(entry: str, exc: Exception) -> InputError:
 
 def _load_hf_dataset(entry: str) -> list[str]:
     """``hf:NAME[:CONFIG][:SPLIT]`` -> the non-empty strings of the dataset's "text" column."""
-    dataset = _open_hf_dataset(entry)
+    dataset = open_hf_dataset(entry)
     if "text" not in dataset.column_names:
         columns = ", ".join(dataset.column_names)
         raise InputError(entry, f'the dataset has no "text" column (columns: {columns}); pick a text dataset')
@@ -218,7 +218,7 @@ def _load_hf_dataset(entry: str) -> list[str]:
 
 def _stream_hf_dataset(entry: str, on_empty: Callable[[], None] | None = None) -> Iterator[str]:
     """Like :func:`_load_hf_dataset`, record by record from ``load_dataset(..., streaming=True)``."""
-    dataset = _open_hf_dataset(entry, streaming=True)
+    dataset = open_hf_dataset(entry, streaming=True)
     found = False
     try:
         for record in dataset:

@@ -53,7 +53,7 @@ _SKIP_DIRS = frozenset(
 )
 # Parts of installed packages read for the default corpus ("" = the whole package, "." = its top-level modules only).
 # Chosen for prose density: with the standard library they give > 3 MB of clean text in a cold build of a few seconds.
-_PACKAGE_SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
+PACKAGE_SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hivemind", ("",)),
     ("torch", (".", "nn", "optim", "autograd", "cuda", "distributed", "distributions")),
     ("transformers", (".", "generation")),
@@ -172,7 +172,7 @@ def clean_prose(text: str) -> list[str]:
 # --- default corpus sources -----------------------------------------------------------------------------------
 
 
-def _python_files(root: Path, recursive: bool = True) -> list[Path]:
+def python_files(root: Path, recursive: bool = True) -> list[Path]:
     if not recursive:
         return [path for path in root.glob("*.py") if path.is_file()]
     files = []
@@ -182,7 +182,7 @@ def _python_files(root: Path, recursive: bool = True) -> list[Path]:
     return files
 
 
-def _package_dir(name: str) -> Path | None:
+def package_dir(name: str) -> Path | None:
     try:
         spec = importlib.util.find_spec(name)  # locates a top-level package without importing it
     except (ImportError, ValueError):
@@ -195,16 +195,16 @@ def _package_dir(name: str) -> Path | None:
 def _default_sources() -> list[Path]:
     """The source files of the default corpus in a stable order: pydoc topics first, then sorted .py paths."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = set(_python_files(stdlib))
-    for package, subdirs in _PACKAGE_SOURCES:
-        root = _package_dir(package)
+    files = set(python_files(stdlib))
+    for package, subdirs in PACKAGE_SOURCES:
+        root = package_dir(package)
         if root is None:
             logger.debug("default corpus: package %s not installed, skipped", package)
             continue
         for subdir in subdirs:
             path = root if subdir in ("", ".") else root / subdir
             if path.is_dir():
-                files.update(_python_files(path, recursive=subdir != "."))
+                files.update(python_files(path, recursive=subdir != "."))
     topics = stdlib / "pydoc_data" / "topics.py"
     return [topics, *sorted(files)] if topics.is_file() else sorted(files)
 
@@ -247,7 +247,7 @@ def _string_share(source: bytes) -> float:
     return sum(match.end() - match.start() for match in _TRIPLE_QUOTED_RE.finditer(source)) / max(len(source), 1)
 
 
-def _extract(path: Path) -> list[list[str]]:
+def extract_paragraphs(path: Path) -> list[list[str]]:
     """Cleaned prose of one source file: one list of paragraphs per docstring (or pydoc topic).
 
     Parsing dominates the build, so code-heavy files (under ``_MIN_STRING_SHARE`` of triple-quoted text) are skipped
@@ -272,7 +272,7 @@ def _build_default_corpus(sources: Sequence[Path]) -> list[str]:
     documents = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # invalid escape sequences in old sources warn at parse time; not our concern
-        extracted = [_extract(path) for path in sources]
+        extracted = [extract_paragraphs(path) for path in sources]
     for per_file in extracted:
         for paragraphs in per_file:
             fresh = [p for p in paragraphs if p not in seen]
@@ -282,12 +282,12 @@ def _build_default_corpus(sources: Sequence[Path]) -> list[str]:
     return documents
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base, "bertswarm")
 
 
-def _sources_key(sources: Sequence[Path]) -> str:
+def sources_key(sources: Sequence[Path]) -> str:
     """Changes whenever a source file is added, removed or modified (e.g. after upgrading Python or torch)."""
     digest = hashlib.sha256(f"bertswarm-default-corpus-v{_CORPUS_FORMAT_VERSION}\n".encode())
     for path in sources:
@@ -326,7 +326,7 @@ def default_corpus() -> list[str]:
     later calls load the cache (well under a second). Returns a new list each call.
     """
     sources = _default_sources()
-    cache = _cache_dir() / f"default-corpus-{_sources_key(sources)}.json"
+    cache = cache_dir() / f"default-corpus-{sources_key(sources)}.json"
     documents = _read_cache(cache)
     if documents is not None:
         logger.debug("default corpus: loaded %d documents from %s", len(documents), cache)

@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluating the swarm's checkpoints (see the submodules)."""

@@ -1,0 +1,5 @@
+import sys
+
+from peer.finetune.cli import main
+
+sys.exit(main())
