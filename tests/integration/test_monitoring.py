@@ -107,7 +107,14 @@ def test_prometheus_sees_every_panel_and_rule_on_a_live_swarm(swarm, tmp_path):
         assert all(r["health"] == "ok" for r in rules.values()), rules
         for alert in build.ALERTS:  # a healthy swarm raises no alert
             assert api.query(alert.expr) == [], alert.name
-        assert api.get("alerts")["alerts"] == []
+
+        # none fires; one may be pending for an evaluation after a scrape that timed out on a loaded machine (up == 0
+        # once: seen with make test beside other work), which its for-duration exists to absorb: it must clear
+        def alerts() -> list[tuple]:
+            return [(a["labels"].get("alertname"), a.get("state")) for a in api.get("alerts")["alerts"]]
+
+        assert not [a for a in alerts() if a[1] == "firing"], alerts()
+        swarm.wait_until("no pending alert", lambda: not alerts(), timeout=30, interval=1)
     finally:
         stop_clients.set()
         client.join(timeout=30)
