@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
-from peer.cli import build_parser, parse_config, setup_logging
+from peer.cli import build_parser, parse_config, run_command, setup_logging
 from peer.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -126,19 +126,15 @@ class _Lazy:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> None:
         parser = build_parser(CoordinatorConfig, "bertswarm-coordinator", DESCRIPTION, GROUPS)
         cfg, _ = parse_config(argv, parser=parser, config_cls=CoordinatorConfig)
         setup_logging()
         import uvloop
 
         uvloop.run(run(cfg))
-    except UserError as e:
-        print(f"bertswarm-coordinator: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return run_command("bertswarm-coordinator", body, None)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 
 from peer import __version__
 from peer.config import PeerConfig
@@ -138,8 +139,24 @@ def setup_logging() -> None:
     hivemind_compat.configure_logging()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(prog: str, body: Callable[[], object], interrupted: str | None = "interrupted") -> int:
+    """The frame of every bertswarm command's ``main``: runs ``body``; a :class:`UserError` becomes one line on stderr
+    (``<prog>: error: ...``) and its exit code, Ctrl-C the line ``<prog>: <interrupted>`` (None: none) and 130; no
+    traceback for either."""
     try:
+        body()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if interrupted:
+            print(f"{prog}: {interrupted}", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> None:
         cfg, explicit = parse_config(argv)
         setup_logging()
         from peer.swarm import hivemind_compat
@@ -148,13 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         from peer import trainer  # heavy imports (torch, hivemind) after the flags are known to be sane
 
         trainer.run(cfg, explicit)
-    except UserError as e:
-        print(f"bertswarm-peer: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("bertswarm-peer: interrupted", file=sys.stderr, flush=True)
-        return 130
-    return 0
+
+    return run_command("bertswarm-peer", body)
 
 
 if __name__ == "__main__":

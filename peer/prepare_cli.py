@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from peer.cli import build_parser, parse_config, setup_logging
+from peer.cli import build_parser, parse_config, run_command, setup_logging
 from peer.config import setting
 from peer.errors import InputError, UserError
 
@@ -110,18 +110,13 @@ def run(cfg: PrepareConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> None:
         parser = build_parser(PrepareConfig, "bertswarm-prepare", DESCRIPTION, GROUPS)
         cfg, _ = parse_config(argv, parser=parser, config_cls=PrepareConfig)
         setup_logging()
         run(cfg)
-    except UserError as e:
-        print(f"bertswarm-prepare: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("bertswarm-prepare: interrupted (finished shards are kept; run it again to resume)", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command("bertswarm-prepare", body, "interrupted (finished shards are kept; run it again to resume)")
 
 
 if __name__ == "__main__":

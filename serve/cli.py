@@ -8,8 +8,7 @@ import logging
 import signal
 import sys
 
-from peer.cli import build_parser, parse_config, setup_logging
-from peer.errors import UserError
+from peer.cli import build_parser, parse_config, run_command, setup_logging
 from serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -48,19 +47,15 @@ async def run(cfg: ServeConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> None:
         parser = build_parser(ServeConfig, "bertswarm-serve", DESCRIPTION, GROUPS)
         cfg, _ = parse_config(argv, parser=parser, config_cls=ServeConfig)
         setup_logging()
         import uvloop
 
         uvloop.run(run(cfg))
-    except UserError as e:
-        print(f"bertswarm-serve: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return run_command("bertswarm-serve", body, None)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import stat
 import sys
 from dataclasses import asdict, dataclass
 
-from peer.cli import build_parser, parse_config, setup_logging
+from peer.cli import build_parser, parse_config, run_command, setup_logging
 from peer.config import setting
 from peer.errors import InputError, UserError
 from peer.run.presets import PRESET_NAMES
@@ -175,18 +175,13 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> None:
         parser = build_parser(FinetuneConfig, "bertswarm-finetune", DESCRIPTION, GROUPS)
         cfg, _ = parse_config(argv, parser=parser, config_cls=FinetuneConfig)
         setup_logging()
         run(cfg)
-    except UserError as e:
-        print(f"bertswarm-finetune: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("bertswarm-finetune: interrupted; nothing was written", file=sys.stderr, flush=True)
-        return 130
-    return 0
+
+    return run_command("bertswarm-finetune", body, "interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.cli import build_parser, parse_config, setup_logging
+from peer.cli import build_parser, parse_config, run_command, setup_logging
 from peer.config import setting
 from peer.errors import InputError, UserError
 
@@ -190,18 +190,13 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> None:
         parser = build_parser(EvalConfig, "bertswarm-eval", DESCRIPTION, GROUPS)
         cfg, _ = parse_config(argv, parser=parser, config_cls=EvalConfig)
         setup_logging()
         run(cfg)
-    except UserError as e:
-        print(f"bertswarm-eval: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("bertswarm-eval: interrupted", file=sys.stderr, flush=True)
-        return 130
-    return 0
+
+    return run_command("bertswarm-eval", body)
 
 
 if __name__ == "__main__":
