@@ -9,14 +9,13 @@ its possibly stale copy to joining peers nor takes part in averaging rounds.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import hivemind
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from peer.data.batches import IGNORE_INDEX
+from peer.finetune.metrics import evaluate_mlm
 from peer.run.manifest import RunManifest
 from peer.run.model import build_model
 from peer.swarm import hivemind_compat
@@ -78,22 +77,9 @@ def all_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
-    """Held-out MLM loss (mean over masked tokens) and accuracy (argmax == original token at masked positions)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for batch in batches:
-        labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "next_sentence_label")}
-        output = model(**inputs)
-        logits = output.logits if hasattr(output, "logits") else output.prediction_logits  # MLM or MLM+NSP head
-        mask = labels != IGNORE_INDEX
-        loss_sum += torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask], reduction="sum").item()
-        correct += int((logits[mask].argmax(-1) == labels[mask]).sum())
-        count += int(mask.sum())
-    model.train(was_training)
-    loss = loss_sum / max(count, 1)
-    return {"mlm_loss": loss if math.isfinite(loss) else float("nan"), "mlm_accuracy": correct / max(count, 1),
-            "masked_tokens": count}  # fmt: skip
+    """Held-out MLM loss (mean over masked tokens), accuracy (argmax == original token at masked positions) and the
+    number of masked tokens: ``bertswarm-eval``'s computation (one implementation), recorded without its perplexity."""
+    figures = evaluate_mlm(model, batches)
+    figures.pop("perplexity")
+    return figures

@@ -4,7 +4,7 @@ accuracy and macro-F1 of a classifier.
 :func:`evaluate_mlm` computes exactly what the coordinator records in ``bertswarm.json`` (``mlm_loss``: mean
 cross-entropy over masked tokens; ``mlm_accuracy``: argmax equals the original token at masked positions), on the
 same batches when given the same data (:func:`peer.finetune.eval.mlm_batches`);
-``tests/unit/test_finetune_eval.py`` checks that the two agree.
+``tests/integration/test_finetune.py`` checks that the two agree, and the coordinator calls this function.
 """
 
 from __future__ import annotations
