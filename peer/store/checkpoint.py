@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -61,6 +60,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from peer.data import shards
 from peer.data.tokenizer import save_pretrained as save_tokenizer
 from peer.run.manifest import RunManifest
 from peer.store.atomic import TMP_PREFIX, fsync_path
@@ -76,7 +76,6 @@ LATEST_FILE = "latest"
 LOCK_FILE = ".lock"
 NAME = re.compile(r"epoch-(\d{6,})")
 """what an ``epoch-*`` checkpoint directory is called"""
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -397,10 +396,5 @@ def _dir_size(path: Path) -> int:
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
-    """``(sha256 hex, size in bytes)`` of a file, read in 1 MiB chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    """``(sha256 hex, size in bytes)`` of a file (the hashing is the prepared dataset's: one implementation)."""
+    return shards.file_sha256(path), path.stat().st_size
