@@ -25,8 +25,7 @@ import torch
 
 from peer import hooks, join
 from peer.config import PeerConfig
-from peer.data import corpus, embedded
-from peer.data.batches import BatchStream
+from peer.data import corpus, embedded, text_cache
 from peer.data.shards import PreparedDataset, is_prepared
 from peer.data.stream import ShardStream
 from peer.data.tokenizer import TokenizerInfo, default_tokenizer, load_tokenizer, tokenizer_fingerprint
@@ -96,11 +95,13 @@ class Prepared:
 
     state_dir: StateDir
     tokenizer: object
-    documents: list[str]  # training documents of plain text (empty with a prepared dataset)
     telemetry: PeerTelemetry
     metrics_port: int | None
     init_checkpoint: tuple[dict, dict] | None = None  # --init-from, verified (all but the run) before p2pd starts
-    dataset: PreparedDataset | None = None  # --data naming a bertswarm-prepare directory
+    # the training data, always prepared: the bertswarm-prepare directory --data names (pinned in the run's manifest),
+    # else --data's text or the embedded corpus prepared into the cache for this peer's --seq-len/--nsp
+    dataset: PreparedDataset | None = None
+    pinned: bool = False
     cfg: PeerConfig | None = None  # the settings, with --seq-len/--nsp taken from the prepared dataset unless given
 
 
@@ -109,7 +110,8 @@ def prepare(cfg: PeerConfig, explicit: set[str] = frozenset()) -> Prepared:
         state_dir = StateDir(cfg.state_path)
     except StateError as e:
         raise e.with_flag("--state-dir") from None
-    tokenizer, documents, dataset = load_inputs(cfg.tokenizer, cfg.data)
+    tokenizer = load_tokenizer_flag(cfg.tokenizer)
+    dataset = open_prepared_flag(cfg.data)
     if dataset is not None:
         cfg = adopt_dataset_settings(cfg, explicit, dataset)
         try:
@@ -118,7 +120,9 @@ def prepare(cfg: PeerConfig, explicit: set[str] = frozenset()) -> Prepared:
             raise e.with_flag("--data") from None
     # a setting outside the manifest's bounds is answered now, not after p2pd has started
     from_config(cfg, cfg.run_id or DEFAULT_RUN_ID, tokenizer_fingerprint(tokenizer), tokenizer.get_vocab_size())
-    train_documents, _heldout = corpus.split_heldout(documents)
+    pinned = dataset is not None
+    if not pinned:  # with this peer's settings; a joiner whose run says otherwise prepares again (Trainer)
+        dataset = prepare_text_flag(cfg.data, tokenizer, seq_len=cfg.seq_len, nsp=cfg.nsp)
     telemetry = PeerTelemetry()
     port = telemetry.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port is not None else None
     # a corrupt --init-from is answered in ~1 s, not after the DHT has started; the run is checked once it is known
@@ -126,22 +130,46 @@ def prepare(cfg: PeerConfig, explicit: set[str] = frozenset()) -> Prepared:
         init = load_checkpoint(cfg.init_from, expected_fingerprint=None) if cfg.init_from else None
     except CheckpointError as e:
         raise e.with_flag("--init-from") from None
-    return Prepared(state_dir, tokenizer, train_documents, telemetry, port, init, dataset, cfg)
+    return Prepared(state_dir, tokenizer, telemetry, port, init, dataset, pinned, cfg)
 
 
-def load_inputs(tokenizer_path: str | None, data: list[str]) -> tuple[object, list[str], PreparedDataset | None]:
-    """The tokenizer, and the documents or the prepared dataset the flags name (defaults: the shipped vocab, the
-    embedded corpus); a problem with either is answered in one line that names the flag (shared with the
-    coordinator's CLI). A prepared dataset comes back as ``(tokenizer, [], dataset)``."""
+def load_tokenizer_flag(tokenizer_path: str | None):
+    """``--tokenizer``'s tokenizer (default: the shipped vocab); a problem is one line naming the flag."""
     try:
-        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else default_tokenizer()
+        return load_tokenizer(tokenizer_path) if tokenizer_path else default_tokenizer()
     except InputError as e:
         raise e.with_flag("--tokenizer") from None
+
+
+def open_prepared_flag(data: list[str]) -> PreparedDataset | None:
+    """The bertswarm-prepare directory ``--data`` names, else None (text, or nothing: the embedded corpus)."""
     try:
         if any(is_prepared(entry) for entry in data):
             if len(data) > 1:
                 raise UserError("--data: a prepared dataset directory must be the only --data entry; drop the others")
-            return tokenizer, [], PreparedDataset.open(data[0])
+            return PreparedDataset.open(data[0])
+    except InputError as e:
+        raise e.with_flag("--data") from None
+    return None
+
+
+def prepare_text_flag(data: list[str], tokenizer, *, seq_len: int, nsp: bool) -> PreparedDataset:
+    """``--data``'s text (default: the embedded corpus) prepared for training, from the cache or now."""
+    try:
+        return text_cache.training_text(data, tokenizer, seq_len=seq_len, nsp=nsp)
+    except InputError as e:
+        raise e.with_flag("--data") from None
+
+
+def load_inputs(tokenizer_path: str | None, data: list[str]) -> tuple[object, list[str], PreparedDataset | None]:
+    """The tokenizer, and the documents or the prepared dataset the flags name (defaults: the shipped vocab, the
+    embedded corpus), for evaluation (the coordinator's CLI); a problem with either is answered in one line that
+    names the flag. A prepared dataset comes back as ``(tokenizer, [], dataset)``."""
+    tokenizer = load_tokenizer_flag(tokenizer_path)
+    dataset = open_prepared_flag(data)
+    if dataset is not None:
+        return tokenizer, [], dataset
+    try:
         documents = corpus.load_documents(data) if data else embedded.default_corpus()
     except InputError as e:
         raise e.with_flag("--data") from None
@@ -212,17 +240,16 @@ class Trainer:
         self._last_report = self._last_save = self._last_publish = time.monotonic()
 
     def _make_batches(self, prepared: Prepared, saved: SavedState | None, me: bytes) -> Iterator[dict]:
-        """This peer's stream: its shards of the prepared dataset (resumed at the saved position), else its shuffle
-        of the text's training documents."""
-        run = self.run
-        if prepared.dataset is None:
-            return BatchStream(prepared.documents, prepared.tokenizer, seq_len=run.seq_len, batch_size=self.batch_size,
-                               mlm_probability=run.mlm_probability, nsp=run.nsp, seed=self.seed)  # fmt: skip
+        """This peer's stream: its shards of the prepared dataset, resumed at the saved position. Text prepared for
+        this peer's own --seq-len/--nsp is prepared again when the run it joined uses others."""
+        run, dataset = self.run, prepared.dataset
+        if not prepared.pinned and (dataset.index.seq_len, dataset.index.nsp) != (run.seq_len, run.nsp):
+            dataset = prepare_text_flag(self.cfg.data, prepared.tokenizer, seq_len=run.seq_len, nsp=run.nsp)
 
         def peers() -> list[bytes]:  # the signed-record keys of live peers: what the shard assignment hashes
             return list(records.read_swarm_metrics(self.dht, run.run_id))
 
-        return ShardStream(prepared.dataset, TokenizerInfo.of(prepared.tokenizer), batch_size=self.batch_size,
+        return ShardStream(dataset, TokenizerInfo.of(prepared.tokenizer), batch_size=self.batch_size,
                            mlm_probability=run.mlm_probability, seed=self.seed, me=me, peers=peers,
                            on_skip=lambda _name: self.telemetry.skipped_shards.inc(),
                            position=saved.data_position if saved is not None else None)  # fmt: skip
@@ -423,7 +450,7 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
     trainer = None
     try:
         tokenizer_fp = tokenizer_fingerprint(prepared.tokenizer)
-        data_fp = prepared.dataset.fingerprint if prepared.dataset is not None else None
+        data_fp = prepared.dataset.fingerprint if prepared.pinned else None
         run_manifest = join.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size(), data_fp)
         validators, _ = records.run_validators(run_manifest.run_id)
         dht.add_validators(validators)

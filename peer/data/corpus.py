@@ -76,13 +76,15 @@ def iter_documents(
             documents = _stream_hf_dataset(entry, on_empty) if stream_hf else _load_hf_dataset(entry)
             yield from ((entry, document) for document in documents)
             continue
-        for path in _expand(entry):
+        for path in expand_entry(entry):
             if path.resolve() not in seen_files:
                 seen_files.add(path.resolve())
                 yield from ((str(path), document) for document in _read_file(path, on_empty))
 
 
-def _expand(entry: str) -> list[Path]:
+def expand_entry(entry: str) -> list[Path]:
+    """The files a local ``--data`` entry names (file, directory, glob), in reading order; raises
+    :class:`~peer.errors.InputError` for a missing path or an entry without text files. Reads no file."""
     path = Path(os.path.expanduser(entry))
     if path.is_dir():
         try:
@@ -98,7 +100,7 @@ def _expand(entry: str) -> list[Path]:
         files = []
         for match in sorted(glob.glob(os.path.expanduser(entry), recursive=True)):
             match_path = Path(match)
-            files.extend(_expand(match) if match_path.is_dir() else [match_path])
+            files.extend(expand_entry(match) if match_path.is_dir() else [match_path])
         if not files:
             raise InputError(entry, f"glob matches no files; {_DATA_HINT}")
         return files

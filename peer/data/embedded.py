@@ -319,6 +319,12 @@ def _write_cache(path: Path, documents: list[str]) -> None:
         logger.warning("could not cache the default corpus at %s: %s", path, exc)
 
 
+def default_corpus_key() -> str:
+    """Identifies the embedded corpus this machine builds (its source files' paths, sizes and times), without
+    building or loading it."""
+    return sources_key(_default_sources())
+
+
 def default_corpus() -> list[str]:
     """The embedded default corpus: ~3.5 MB of English documentation prose from installed packages, no download.
 

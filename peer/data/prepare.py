@@ -301,12 +301,15 @@ def prepare_dataset(
     shard_chars: int = DEFAULT_SHARD_CHARS,
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
     progress: Callable[[Stats, float], None] | None = None,
+    documents: Callable[[], Iterable[str]] | None = None,
 ) -> PrepareResult:
     """Turn the ``data`` entries into a prepared dataset in ``output``; see the module docstring.
 
     Raises :class:`~peer.errors.InputError` (the caller adds the flag) for unreadable, empty or binary input files
     (naming the file) and for input with no usable document. ``progress(stats, elapsed_seconds)`` is called as
     documents are read and shards finish. ``workers`` processes tokenise in parallel (1: in this process).
+    ``documents``: where the text comes from when it is not read from the ``data`` entries (the embedded corpus);
+    ``data`` then only names it in messages.
     """
     started = time.perf_counter()
     out = Path(output).expanduser()
@@ -324,8 +327,11 @@ def prepare_dataset(
     report = progress or (lambda _stats, _seconds: None)
 
     def jobs() -> Iterator[_Job]:
-        documents = iter_documents(data, on_empty=splitter.count_empty)
-        for number, chunk in enumerate(_chunks(splitter.train_documents(documents), shard_chars)):
+        if documents is None:
+            source = iter_documents(data, on_empty=splitter.count_empty)
+        else:
+            source = (("", document) for document in documents())
+        for number, chunk in enumerate(_chunks(splitter.train_documents(source), shard_chars)):
             report(stats, time.perf_counter() - started)
             yield _Job(shards.train_shard_name(number), chunk, _digest(chunk))
 
