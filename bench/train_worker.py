@@ -131,7 +131,7 @@ def swarm(args, run, result, finish) -> None:
     dht.add_validators(records.run_validators(run.run_id)[0])
     _phase(result, "dht_started")
     print("ADDRESS", join_addresses(dht)[0], flush=True)
-    prepared = product_trainer.Prepared(StateDir(cfg.state_path), workload.tokenizer(), [], PeerTelemetry(), None)
+    prepared = product_trainer.Prepared(StateDir(cfg.state_path), workload.tokenizer(), PeerTelemetry(), None)
     trainer = None
     try:
         batches = workload.stream(run, cfg.batch_size, workload.peer_seed(args.index))

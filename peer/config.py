@@ -15,6 +15,8 @@ from pathlib import Path
 
 from peer.errors import UserError
 from peer.run.manifest import (
+    AGGREGATIONS,
+    DEFAULT_AGGREGATION,
     DEFAULT_INNER_STEPS,
     DEFAULT_OUTER_COMPRESSION,
     DEFAULT_OUTER_LR,
@@ -147,6 +149,12 @@ class PeerConfig:
         default=False,
         group="run",
     )
+    aggregation: str = setting(
+        f"how averaging combines the peers' contributions, one of {', '.join(AGGREGATIONS)}: the robust rules bound "
+        "what one dishonest peer can do; 'mean' trusts everyone (docs/security.md)",
+        default=DEFAULT_AGGREGATION,
+        group="run",
+    )
 
     # --- this peer ------------------------------------------------------------------------------------------------
     init_from: str | None = setting(
@@ -201,6 +209,7 @@ class PeerConfig:
         _choice("--optimizer", self.optimizer, OPTIMIZERS)
         _choice("--mode", self.mode, MODES)
         _choice("--outer-compression", self.outer_compression, OUTER_COMPRESSIONS)
+        _choice("--aggregation", self.aggregation, AGGREGATIONS)
         _positive("inner_steps", self.inner_steps)
         if not 0.0 < self.outer_lr <= 10.0:
             raise UserError(f"--outer-lr {self.outer_lr}: must be in (0, 10], e.g. 0.7")

@@ -32,6 +32,7 @@ FLAG_OF_FIELD = {
     "outer_momentum": "outer_momentum",
     "outer_compression": "outer_compression",
     "outer_overlap": "outer_overlap",
+    "aggregation": "aggregation",
     "data_fingerprint": "data",  # also checked without the flag: see data_conflict
 }
 

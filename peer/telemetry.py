@@ -11,6 +11,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from peer.errors import UserError
+from peer.run.schema import REJECT_REASONS
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ CHECKPOINT_WRITE_SECONDS = "bertswarm_checkpoint_write_seconds"
 CHECKPOINTS = "bertswarm_checkpoints"  # counter with label outcome
 
 # defences against faulty or lying peers (peer/swarm/guards.py)
-PEER_REJECTED_CONTRIBUTIONS = "bertswarm_peer_rejected_contributions"  # counter: groupmates' non-finite parts dropped
+PEER_REJECTED_CONTRIBUTIONS = "bertswarm_peer_rejected_contributions"  # counter with label reason: parts dropped
 PEER_SKIPPED_STEPS = "bertswarm_peer_skipped_steps"  # counter with label reason: optimizer steps not applied
 PEER_IGNORED_PROGRESS_RECORDS = "bertswarm_peer_ignored_progress_records"  # counter: implausible progress records
 
@@ -89,7 +90,8 @@ class PeerTelemetry:
         )  # fmt: skip
         self.rejected_contributions = Counter(
             PEER_REJECTED_CONTRIBUTIONS,
-            "Groupmates' non-finite contributions dropped from averaging rounds this peer reduced",
+            "Groupmates' contributions dropped from averaging rounds this peer reduced, by reason",
+            ["reason"],
             registry=r,
         )
         self.skipped_steps = Counter(
@@ -113,6 +115,8 @@ class PeerTelemetry:
         for outcome in OUTER_ROUND_OUTCOMES:
             self.outer_rounds.labels(outcome)
         self.skipped_steps.labels("nonfinite")
+        for reason in REJECT_REASONS:
+            self.rejected_contributions.labels(reason)
         for outcome in ROUND_OUTCOMES:
             self.rounds.labels(outcome)
         for reason in SKIP_REASONS:
@@ -120,10 +124,11 @@ class PeerTelemetry:
         self._server = None
         self._synced: dict[int, int] = {}  # counter -> the external total it was last brought up to
 
-    def sync_guard_totals(self, *, rejected: int, skipped_steps: int, ignored_records: int) -> None:
-        """Bring the guard counters up to the totals counted elsewhere (the optimizer, the averager processes)."""
+    def sync_guard_totals(self, *, rejected: dict[str, int], skipped_steps: int, ignored_records: int) -> None:
+        """Bring the guard counters up to the totals counted elsewhere (the optimizer, the averager processes);
+        ``rejected``: by reason."""
         for counter, total in (
-            (self.rejected_contributions, rejected),
+            *((self.rejected_contributions.labels(reason), count) for reason, count in rejected.items()),
             (self.skipped_steps.labels("nonfinite"), skipped_steps),
             (self.ignored_progress_records, ignored_records),
         ):

@@ -32,6 +32,10 @@ DEFAULT_OUTER_MOMENTUM = 0.9
 # 8-bit pseudo-gradients: no measurable quality cost against none (1.000x held-out loss) and +31 % samples/s at
 # 20 Mbit/s (docs/performance.md); peers re-agree exactly every 10 outer steps, so the peers cannot drift apart
 DEFAULT_OUTER_COMPRESSION = "int8"
+# how a peer combines its groupmates' contributions to the part of an average it reduces (peer.swarm.robust holds the
+# rules; this tuple is the one list of names). clipped-mean: each part clipped to 3x the median norm, then the mean
+AGGREGATIONS = ("mean", "clipped-mean", "centered-clip", "trimmed-mean", "median")
+DEFAULT_AGGREGATION = "clipped-mean"
 
 PresetName = Literal[PRESET_NAMES]  # type: ignore[valid-type]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -83,6 +87,7 @@ class RunManifest(_Strict):
     outer_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = DEFAULT_OUTER_MOMENTUM
     outer_compression: Literal[OUTER_COMPRESSIONS] = DEFAULT_OUTER_COMPRESSION  # type: ignore[valid-type]
     outer_overlap: bool = False
+    aggregation: Literal[AGGREGATIONS] = DEFAULT_AGGREGATION  # type: ignore[valid-type]
     init_seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = INIT_SEED
     # fingerprint of the prepared dataset (``bertswarm-prepare``) every peer must train on; None: each peer trains on
     # its own text. Left out of the canonical JSON when None, so runs without one keep their fingerprints.
@@ -171,6 +176,7 @@ class RunSettings(Protocol):
     outer_momentum: float
     outer_compression: str
     outer_overlap: bool
+    aggregation: str
 
 
 def from_config(
@@ -223,5 +229,6 @@ def _from_config(
         outer_momentum=cfg.outer_momentum,
         outer_compression=cfg.outer_compression,
         outer_overlap=cfg.outer_overlap,
+        aggregation=cfg.aggregation,
         data_fingerprint=data_fingerprint,
     )

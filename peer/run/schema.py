@@ -26,6 +26,15 @@ MAX_EPOCH = 10**9  # epochs, outer rounds and checkpoint steps a record may clai
 # the swarm's median: a fast GPU among CPUs is under-counted a little, a liar cannot claim the swarm's progress alone.
 OUTLIER_FACTOR = 4.0
 
+# Why a groupmate's contribution to an average was dropped: the label values
+# of bertswarm_peer_rejected_contributions_total, never anything else
+# (peer.swarm.robust rejects, peer.swarm.guards counts).
+# - shape: not exactly the part's shape (hivemind would broadcast a 1-element part over the whole part);
+# - dtype: not a floating-point tensor;
+# - weight: a claimed weight that is NaN, infinite or negative;
+# - non_finite: NaN or Inf in the part.
+REJECT_REASONS = ("shape", "dtype", "weight", "non_finite")
+
 
 def manifest_key(run_id: str) -> str:
     return f"{run_id}_manifest"

@@ -4,7 +4,7 @@ One outer round at the boundary of outer epoch ``e`` (``after_inner_step`` runs 
 
 1. pseudo-gradient ``Δ = θ_outer − θ_local`` (CPU fp32, written into the outer parameters' ``.grad`` buffers);
 2. ``Δ`` is averaged with the peers at the same outer epoch (``PseudoGradientAverager``: a hivemind all-reduce,
-   weight 1 per peer, the run's finite-only reducer, optional fp16/int8 compression);
+   weight 1 per peer, the run's aggregation rule (``peer.swarm.robust``), optional fp16/int8 compression);
 3. the outer optimizer ``SGD(outer_lr, outer_momentum, nesterov)`` steps ``θ_outer`` with the averaged ``Δ`` as its
    gradient, the outer epoch becomes ``e + 1`` and ``θ_local ← θ_outer``. The inner optimizer's state is kept.
 
@@ -79,7 +79,7 @@ from hivemind.compression import (
 from hivemind.utils import get_dht_time
 
 from peer.run import schema
-from peer.run.manifest import OUTER_COMPRESSIONS
+from peer.run.manifest import DEFAULT_AGGREGATION, OUTER_COMPRESSIONS
 from peer.swarm import guards, hivemind_compat
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class DiLoCo:
     :param wait_for_peers: how long a peer at the boundary waits for the others of its epoch to get there
     :param load_state_timeout: bound on one state download (also the per-chunk timeout)
     :param heartbeat_period: progress-record refresh period (records expire after 3 periods)
+    :param aggregation: the run's rule for combining groupmates' contributions (``peer.swarm.robust``)
     :param on_round: called with each ``RoundReport``
     :param on_state_loaded: called with (outer epoch, seconds) after each successful state download
     """
@@ -181,6 +182,7 @@ class DiLoCo:
         load_state_timeout: float = 600.0,
         heartbeat_period: float = 5.0,
         client_mode: bool | None = None,
+        aggregation: str = DEFAULT_AGGREGATION,
         on_round: Callable[[RoundReport], None] | None = None,
         on_state_loaded: Callable[[int, float], None] | None = None,
     ):
@@ -213,6 +215,7 @@ class DiLoCo:
             next_chunk_timeout=max(matchmaking_time, averaging_timeout / 2),
             client_mode=self.client_mode,
             start=True,
+            **guards.robust_options(aggregation, weight_cap=1.0),  # every peer sends weight 1
         )
         # before hivemind forks the averagers: they must inherit the finite-only reducer and its counter
         guards.share_rejection_counter()

@@ -59,6 +59,7 @@ class DiLoCoOptimizer:
             outer_momentum=manifest.outer_momentum,
             compression=manifest.outer_compression,
             overlap=manifest.outer_overlap,
+            aggregation=manifest.aggregation,
             matchmaking_time=matchmaking_time,
             averaging_timeout=averaging_timeout,
             load_state_timeout=max(60.0, 4 * averaging_timeout),

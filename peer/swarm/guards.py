@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
 import statistics
 import time
 
@@ -24,8 +23,9 @@ import torch
 from hivemind.averaging import partition
 from hivemind.utils import get_dht_time
 
-from peer.run.schema import MAX_EPOCH, MAX_SAMPLES_PER_SECOND, OUTLIER_FACTOR
+from peer.run.schema import MAX_EPOCH, MAX_SAMPLES_PER_SECOND, OUTLIER_FACTOR, REJECT_REASONS
 from peer.swarm import hivemind_compat
+from peer.swarm.robust import RejectionCounts
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +34,32 @@ SAMPLES_SLACK_SECONDS = 1.0  # peers enter an epoch up to about one refresh peri
 
 # --- non-finite contributions ---------------------------------------------------------------------------------------
 
-# Shared with the averager processes hivemind forks (created before they start); counts contributions dropped there.
-_rejected = None
+# Shared with the averager processes hivemind forks (created before they start): contributions dropped there, by
+# reason (peer.run.schema.REJECT_REASONS), by this module's reducer and by peer.swarm.robust's.
+_rejections: RejectionCounts | None = None
 
 
-def rejected_contributions() -> int:
-    return 0 if _rejected is None else int(_rejected.value)
+def rejected_contributions() -> dict[str, int]:
+    return {reason: 0 for reason in REJECT_REASONS} if _rejections is None else _rejections.counts()
 
 
 def share_rejection_counter() -> None:
-    """Create the counter in this process before hivemind forks its averagers, so they increment the same value."""
-    global _rejected
-    if _rejected is None:
-        _rejected = mp.get_context("fork").Value("q", 0)
+    """Create the counters in this process before hivemind forks its averagers, so they increment the same values."""
+    global _rejections
+    if _rejections is None:
+        _rejections = RejectionCounts()
+
+
+def robust_options(aggregation: str, weight_cap: float) -> dict:
+    """The ``peer.swarm.robust.RobustAveragingMixin`` options of every averager of a run (both modes): the run's rule,
+    the largest weight a groupmate may claim, rejections counted here."""
+    return dict(aggregation=aggregation, weight_cap=weight_cap, on_reject=count_rejection)
+
+
+def count_rejection(reason: str, sender_index: int) -> None:
+    """The ``on_reject`` of every averager: counts where :func:`share_rejection_counter` made the counters."""
+    if _rejections is not None:
+        _rejections(reason, sender_index)
 
 
 def _finite(tensor: torch.Tensor, weight: float) -> bool:
@@ -62,9 +75,7 @@ class FiniteTensorPartReducer(partition.TensorPartReducer):
                 self._rejected_senders = set()
             if sender_index not in self._rejected_senders:  # one contribution per sender and round
                 self._rejected_senders.add(sender_index)
-                if _rejected is not None:
-                    with _rejected.get_lock():
-                        _rejected.value += 1
+                count_rejection("non_finite", sender_index)
                 logger.warning("dropped a groupmate's non-finite contribution to an averaging round")
             tensor_part, weight = torch.zeros_like(tensor_part), 0.0
         return await super().accumulate_part(sender_index, part_index, tensor_part, weight)

@@ -130,6 +130,7 @@ def _build_hooked_optimizer():
         """``hivemind.Optimizer`` with public hooks where bertswarm needs its private steps:
 
         - ``progress_tracker_class``: the ``ProgressTracker`` (subclass) it builds; hivemind hard-codes its own;
+        - ``state_averager_class`` (+ ``state_averager_options``): likewise for its ``TrainingStateAverager``;
         - ``gradient_round_finished(control, seconds)``: after each gradient averaging round hivemind ran or tried, with
           its ``StepControl`` (None: hivemind averaged alone, without a round) and the round's duration;
         - ``gradients_not_averaged()``: hivemind did not begin a round and steps with the local gradients; it then never
@@ -137,12 +138,36 @@ def _build_hooked_optimizer():
         """
 
         progress_tracker_class = None
+        state_averager_class = None
+        state_averager_options: dict = {}  # noqa: RUF012 - read only
 
         def gradient_round_finished(self, control, seconds: float) -> None:
             pass
 
         def gradients_not_averaged(self) -> None:
             pass
+
+        def _make_state_averager(self, **kwargs):
+            """hivemind 1.1.12's, with the state averager built by ``state_averager_class`` (hivemind hard-codes
+            ``TrainingStateAverager``); its extra options come in ``state_averager_options``."""
+            if self.state_averager_class is None:
+                return super()._make_state_averager(**kwargs)
+            return self.state_averager_class(
+                dht=self.dht,
+                prefix=f"{self.run_id}_state_averager",
+                min_matchmaking_time=self.matchmaking_time,
+                allreduce_timeout=self.allreduce_timeout,
+                shutdown_timeout=self.shutdown_timeout,
+                offload_optimizer=self.offload_optimizer,
+                custom_gradients=self.offload_optimizer,
+                status_loglevel=self.status_loglevel,
+                next_chunk_timeout=self.next_chunk_timeout,
+                client_mode=self.client_mode,
+                auxiliary=self.auxiliary,
+                start=True,
+                **self.state_averager_options,
+                **kwargs,
+            )
 
         def _make_progress_tracker(self, target_batch_size: int, **kwargs):
             if self.progress_tracker_class is None:
@@ -218,14 +243,35 @@ class _ExpectGroupSize:
 def _build_pseudo_gradient_averager():
     from hivemind.averaging import DecentralizedAverager
 
-    class PseudoGradientAverager(_ExpectGroupSize, DecentralizedAverager):
-        """DiLoCo: averages the outer parameters' ``.grad`` buffers (the pseudo-gradients) with a group of peers."""
+    from peer.swarm.robust import RobustAveragingMixin
 
-        # hivemind caches RPC handlers per class; without these a subclass may reuse its parent's (wrong) handler names
-        _rpc_handlers = None
-        _stub_type = None
+    class PseudoGradientAverager(RobustAveragingMixin, _ExpectGroupSize, DecentralizedAverager):
+        """DiLoCo: averages the outer parameters' ``.grad`` buffers (the pseudo-gradients) with a group of peers, with
+        the run's aggregation rule (``RobustAveragingMixin``; it also gives the class its own RPC handler cache)."""
 
     return PseudoGradientAverager
+
+
+def _build_robust_gradient_averager():
+    from hivemind.optim.grad_averager import GradientAverager
+
+    from peer.swarm.robust import RobustAveragingMixin
+
+    class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
+        """Sync mode: hivemind's ``GradientAverager`` with the run's aggregation rule."""
+
+    return RobustGradientAverager
+
+
+def _build_robust_state_averager():
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    from peer.swarm.robust import RobustAveragingMixin
+
+    class RobustStateAverager(RobustAveragingMixin, TrainingStateAverager):
+        """Sync mode: hivemind's ``TrainingStateAverager`` (parameters every few steps) with the run's rule."""
+
+    return RobustStateAverager
 
 
 def _build_outer_state_averager():
@@ -233,13 +279,12 @@ def _build_outer_state_averager():
     from hivemind.compression import CompressionInfo, TensorRole
     from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
-    class OuterStateAverager(_ExpectGroupSize, TrainingStateAverager):
+    from peer.swarm.robust import RobustAveragingMixin
+
+    class OuterStateAverager(RobustAveragingMixin, _ExpectGroupSize, TrainingStateAverager):
         """DiLoCo: holds θ_outer, the outer momentum and the outer epoch; serves them to joiners as one consistent
         snapshot (``get_current_state`` overridden: hivemind's hands out live shared tensors, read later while this
-        peer may be stepping, and reads the epoch outside the lock)."""
-
-        _rpc_handlers = None
-        _stub_type = None
+        peer may be stepping, and reads the epoch outside the lock). Agreement rounds use the run's rule."""
 
         def get_current_state(self):
             with torch.no_grad(), self.lock_averaged_tensors:
@@ -266,6 +311,8 @@ _LAZY_CLASSES = {
     "FilteredProgressTracker": _build_filtered_progress_tracker,
     "PseudoGradientAverager": _build_pseudo_gradient_averager,
     "OuterStateAverager": _build_outer_state_averager,
+    "RobustGradientAverager": _build_robust_gradient_averager,
+    "RobustStateAverager": _build_robust_state_averager,
 }
 
 

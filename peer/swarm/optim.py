@@ -25,10 +25,9 @@ import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
-from hivemind.optim.grad_averager import GradientAverager
 from hivemind.utils import get_dht_time
 
-from peer.run.manifest import RunManifest
+from peer.run.manifest import DEFAULT_AGGREGATION, RunManifest
 from peer.swarm import guards, hivemind_compat
 
 logger = logging.getLogger(__name__)
@@ -189,8 +188,12 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         *args,
         on_round: Callable[[str, int, float], None] | None = None,
         on_state_loaded: Callable[[float], None] | None = None,
+        aggregation: str = DEFAULT_AGGREGATION,
         **kwargs,
     ):
+        # state rounds average parameters with weight 1 per peer (hivemind's)
+        self.state_averager_class = hivemind_compat.RobustStateAverager
+        self.state_averager_options = guards.robust_options(aggregation, weight_cap=1.0)
         self._on_round = on_round or (lambda outcome, size, seconds: None)
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         self.skipped_nonfinite_steps = 0
@@ -316,7 +319,13 @@ def make_optimizer(
         # Adam moments are not averaged: with average_opt_statistics=("exp_avg", "exp_avg_sq"), hivemind 1.1.12
         # left the one peer that had never loaded state with a third of the swarm's moments (3 peers, measured).
         averager_opts=dict(request_timeout=request_timeout),
-        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
+        # gradients are weighted by the samples a peer claims: at most the target batch counts
+        grad_averager_factory=partial(
+            hivemind_compat.RobustGradientAverager,
+            request_timeout=request_timeout,
+            **guards.robust_options(manifest.aggregation, manifest.target_batch_size),
+        ),
+        aggregation=manifest.aggregation,
         grad_compression=grad_compression if grad_compression is not None else NoCompression(),
         # progress records of peers that vanished expire after 20 s (hivemind's default 60 s stalls joiners longer)
         tracker_opts=dict(

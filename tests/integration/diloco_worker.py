@@ -32,6 +32,9 @@ DEFAULTS = dict(
     until_epoch=None,  # instead: run until the outer epoch reaches this
     step_seconds=0.0,  # simulated compute per inner step
     inner_steps=2,
+    # the plain mean: these tests check DiLoCo's arithmetic against an exact reference (tests/unit/
+    # test_robust_aggregation.py and test_robust_allreduce.py check the robust rules, test_swarm.py the product default)
+    aggregation="mean",
     inner="sgd",
     inner_lr=0.05,
     outer_lr=0.7,
@@ -115,6 +118,7 @@ def main() -> None:
         averaging_timeout=cfg["averaging_timeout"],
         wait_for_peers=cfg["wait_for_peers"],
         heartbeat_period=cfg["heartbeat_period"],
+        aggregation=cfg["aggregation"],
         on_round=lambda report: reports.append(dataclasses.asdict(report)),
     )
     try:

@@ -91,7 +91,7 @@ def main() -> None:
     dht = start_dht(cfg, records.registry_validators())
     dht.add_validators(records.run_validators(MANIFEST.run_id)[0])
     print("ADDRESS", join_addresses(dht)[0], flush=True)
-    prepared = Prepared(StateDir(cfg.state_path), default_tokenizer(), [], PeerTelemetry(), None)
+    prepared = Prepared(StateDir(cfg.state_path), default_tokenizer(), PeerTelemetry(), None)
     batches = (make_batch(index, k) for k in itertools.count())
     trainer = RecordingTrainer(cfg, prepared, dht, MANIFEST, batches=batches)
     try:

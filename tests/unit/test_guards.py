@@ -100,7 +100,7 @@ def test_reducer_drops_a_non_finite_contribution_and_counts_it():
     good, bad = torch.ones(4), torch.full((4,), float("nan"))
     results = reduce([good, bad, 3 * good], [1.0, 1.0, 1.0])
     assert all(torch.equal(r, 2 * good) for r in results)  # the mean of the finite ones
-    assert guards.rejected_contributions() == before + 1
+    assert guards.rejected_contributions() == dict(before, non_finite=before["non_finite"] + 1)
     results = reduce([good, good], [1.0, float("inf")])  # a non-finite weight is dropped too
     assert torch.equal(results[0], good)
     results = reduce([bad, bad], [1.0, 1.0])  # nothing finite: zero, not 0/0
