@@ -91,13 +91,14 @@ def _quantiles(metric: str, selector: str = "", by: str = "", quantiles=((0.5, "
 
 
 def _defences(selector: str = "") -> tuple[Query, ...]:
-    """What this peer refused from others: non-finite contributions, steps not applied, implausible records."""
+    """What this peer refused from others: contributions rejected (by reason), steps not applied, implausible
+    records."""
     rejected, skipped, ignored = (
         _select(f"{name}_total", selector)
         for name in (m.PEER_REJECTED_CONTRIBUTIONS, m.PEER_SKIPPED_STEPS, m.PEER_IGNORED_PROGRESS_RECORDS)
     )
     return (
-        Query(f"sum(increase({rejected}[{RATE}]))", "rejected contributions"),
+        Query(f"sum by (reason) (increase({rejected}[{RATE}]))", "rejected contributions: {{reason}}"),
         Query(f"sum by (reason) (increase({skipped}[{RATE}]))", "skipped steps"),
         Query(f"sum(increase({ignored}[{RATE}]))", "ignored records"),
     )
