@@ -17,8 +17,8 @@ keeps every sender's part until all current senders have arrived, then aggregate
 Which rule (n senders, f of them Byzantine; "honest spread" is the RMS distance of the honest parts from their mean):
 
 - ``mean`` (n·d): hivemind's weighted average, with bounded weights; one sender moves it anywhere. Trusted swarms.
-- ``clipped-mean`` (n·d): each part scaled down to at most ``clip_factor`` (c) x the median part norm, then the
-  weighted mean: a Byzantine sender keeps a bias of at most about ``(f/n)·(c·median norm + |honest mean|)``.
+- ``clipped-mean`` (n·d): each part scaled down to at most ``clip_factor`` (c, default 1) x the median part norm, then
+  the weighted mean: a Byzantine sender keeps a bias of at most about ``(f/n)·(c·median norm + |honest mean|)``.
 - ``centered-clip`` (~6·n·d): BTARD's CenteredClip (Karimireddy et al. 2021) around the coordinate-wise median with an
   adaptive tau (about the honest spread): the result stays within about ``f/(n−f)`` x tau of the honest mean.
 - ``trimmed-mean`` (n·d·log n): coordinate-wise; with f at most the count trimmed per side, every coordinate stays
@@ -54,6 +54,8 @@ from peer.run.manifest import AGGREGATIONS, DEFAULT_AGGREGATION
 from peer.run.schema import OUTLIER_FACTOR, REJECT_REASONS
 
 logger = logging.getLogger(__name__)
+
+CLIP_FACTOR = 1.0  # clipped-mean: parts are clipped to this multiple of the median part norm
 
 OnReject = Callable[[str, int], None]
 AggregationRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -109,18 +111,26 @@ def weighted_mean(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return ((weights / total).to(flat.dtype) @ flat).reshape(parts.shape[1:])
 
 
-def clipped_mean(parts: torch.Tensor, weights: torch.Tensor, clip_factor: float = 3.0) -> torch.Tensor:
-    """Weighted mean after scaling each part down to at most ``clip_factor`` x the median (low) of the parts' norms.
+def upper_median(values: torch.Tensor) -> torch.Tensor:
+    """The median of a 1-D tensor, the upper of the two middle values for an even count (torch's is the lower)."""
+    return values.sort().values[len(values) // 2]
 
-    O(n·d). While fewer than half the senders are Byzantine the median norm is an honest part's, so a Byzantine part
-    counts with at most c x an honest norm: its effect on the mean is bounded, not removed (about ``(f/n)·(c·median
-    norm + |honest mean|)`` with equal weights). Cheap insurance against scaled or exploding parts; honest parts are
-    rarely clipped at c = 3."""
+
+def clipped_mean(parts: torch.Tensor, weights: torch.Tensor, clip_factor: float = CLIP_FACTOR) -> torch.Tensor:
+    """Weighted mean after scaling each part down to at most ``clip_factor`` x the (upper) median of the parts' norms.
+
+    O(n·d). While fewer than half the senders are Byzantine the median norm is at most an honest part's, so a Byzantine
+    part counts with at most c x an honest norm: its effect on the mean is bounded, not removed (about
+    ``(f/n)·(c·median norm + |honest mean|)`` with equal weights). With c = 1 (the default) a sign-flipped part cancels
+    at most one honest part, so the mean keeps the honest direction while n > 2f; with c = 3 it could reverse it
+    whenever n <= 4f (3 peers with 1 attacker). Honest parts above the median are scaled down to it: a shrink of the
+    average by about the spread of the honest norms, which Adam's normalisation absorbs. With 2 senders the upper
+    median is the larger norm: nothing is clipped, as no rule can tell which of two is honest."""
     if not clip_factor > 0:
         raise ValueError(f"clip_factor must be > 0, not {clip_factor}")
     flat = _flat(parts)
     norms = flat.norm(dim=1)
-    limit = clip_factor * norms.median()
+    limit = clip_factor * upper_median(norms)
     scale = torch.where(norms > limit, limit / norms, torch.ones_like(norms))
     return weighted_mean(flat * scale[:, None], weights).reshape(parts.shape[1:])
 

@@ -76,8 +76,11 @@ def clipped_mean_part_bound(k: int, parts_by_sender, weights, senders=HONEST, vo
     """The clipped mean's bound on part k (module docstring): ``voters`` are the senders whose part counts."""
     w = expected_weights([weights[i] for i in voters])
     share = sum(w[j] for j, i in enumerate(voters) if i not in senders) / sum(w)
-    limit = 3.0 * torch.stack([parts_by_sender[i][k].norm() for i in voters]).median().item()
-    return share * (limit + honest_mean(senders)[k].norm().item())
+    norms = torch.stack([parts_by_sender[i][k].norm() for i in voters])
+    limit = robust.CLIP_FACTOR * robust.upper_median(norms).item()
+    # honest parts above the limit are scaled down to it: the average moves by at most their weighted excess
+    shrink = sum(w[j] * max(0.0, norms[j].item() - limit) for j, i in enumerate(voters) if i in senders) / sum(w)
+    return share * (limit + honest_mean(senders)[k].norm().item()) + shrink
 
 
 def clipped_mean_bound(parts_by_sender, weights, senders=HONEST, voters=range(N)) -> float:
