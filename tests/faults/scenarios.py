@@ -12,7 +12,10 @@ import urllib.request
 
 from peer.store.checkpoint import TMP_PREFIX, latest_path, list_checkpoints
 from peer.store.load import load_checkpoint
+from peer.telemetry import PEER_REJECTED_CONTRIBUTIONS
 from tests.faults.harness import AVERAGING_TIMEOUT, ROUND_UNDER_WAY, SIZE, TARGET_BATCH, Session
+
+REJECTED = f"{PEER_REJECTED_CONTRIBUTIONS}_total"
 
 SUCCESS_TIMEOUT = 150.0
 
@@ -120,7 +123,7 @@ def nonfinite_sender(session: Session) -> dict:
     """6. A peer sends NaN/Inf gradients (test-only injection): no peer applies them; its contributions are dropped
     by the others' reducers and counted."""
     honest = list(session.live)
-    rejected = lambda: sum(session.metric(p, "bertswarm_peer_rejected_contributions_total") for p in honest)  # noqa: E731
+    rejected = lambda: sum(session.metric(p, REJECTED, 'reason="non_finite"') for p in honest)  # noqa: E731
     skipped = lambda p: session.metric(p, "bertswarm_peer_skipped_steps_total", 'reason="nonfinite"')  # noqa: E731
     rejected_before = rejected()
     skipped_before = [skipped(p) for p in honest]
