@@ -156,6 +156,12 @@ def run_command(prog: str, body: Callable[[], object], interrupted: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:  # `bertswarm-peer doctor [flags]`: would a peer with these flags work here?
+        from peer import doctor
+
+        return doctor.main(argv[1:])
+
     def body() -> None:
         cfg, explicit = parse_config(argv)
         setup_logging()
