@@ -1,10 +1,9 @@
 """Download the swarm's current state as an observer, verify it, and evaluate it on held-out text.
 
-The coordinator holds a ``TrainingStateAverager`` with exactly the peers' parameter and optimizer structure (built by
-the same ``peer`` functions; in ``--mode diloco`` the peers' outer state: θ_outer, outer momentum, outer step), in
-client mode and with state sharing off: it can download state, and it never serves
-its possibly stale copy to joining peers nor takes part in averaging rounds.
-"""
+The coordinator holds a ``TrainingStateAverager`` (the peers' ``RobustStateAverager``) with exactly the peers' parameter
+and optimizer structure (built by the same ``peer`` functions; in ``--mode diloco`` the peers' outer state: θ_outer,
+outer momentum, outer step), in client mode and with state sharing off: it can download state, and it never serves its
+possibly stale copy to joining peers nor takes part in averaging rounds."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import time
 
 import hivemind
 import torch
-from hivemind.optim.state_averager import TrainingStateAverager
 
 from peer.finetune.metrics import evaluate_mlm
 from peer.run.manifest import RunManifest
@@ -45,8 +43,10 @@ class StateDownloader:
                 **observer,
             )
         else:
-            self.averager = TrainingStateAverager(
+            # the peers' class: hivemind names its RPC handlers after the class, so the download must ask for theirs
+            self.averager = hivemind_compat.RobustStateAverager(
                 prefix=f"{manifest.run_id}_state_averager",
+                aggregation=manifest.aggregation,
                 optimizer=optimizer_factory(manifest),
                 params=param_groups(self.model, manifest.weight_decay),
                 scheduler=scheduler_factory(manifest),
