@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig
@@ -62,8 +63,9 @@ async def run(cfg: CoordinatorConfig) -> None:
     runner, port = await http.serve(app, cfg.http_host, cfg.http_port)
     dht = await loop.run_in_executor(None, swarm.start_dht, dht_cfg, records.registry_validators())
     try:
-        run_id, run_manifest = await loop.run_in_executor(None, join.wait_for_run, dht, cfg.run_id,
-                                                          cfg.startup_timeout)  # fmt: skip
+        found = await loop.run_in_executor(None, partial(join.wait_for_run, dht, cfg.run_id, cfg.startup_timeout,
+                                                         bootstrap=join.bootstrap_peer_ids(cfg.join)))  # fmt: skip
+        run_id, run_manifest = found.run_id, found.manifest
         if run_manifest.tokenizer_fingerprint != tokenizer_fingerprint(tokenizer):
             raise UserError(
                 "the run uses another tokenizer than this coordinator; pass --tokenizer with the run's file"

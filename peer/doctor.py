@@ -6,11 +6,11 @@ failed, 1 when one did (one line on stderr names them), 2 for flags that are inv
 
 The doctor takes exactly the peer's flags and reuses the peer's own code for each step: ``hivemind_compat.
 check_version``, ``PeerConfig.validate`` (addresses), ``run.manifest.from_config``, the state dir lock
-(``store.state.StateDir``), ``swarm.dht.start_dht`` and ``join.resolve``. Its DHT node uses the peer's ``--listen``,
-``--announce``, ``--client-mode`` and ``--join`` but a throw-away identity (so it never collides with a running
-peer's); it creates no state dir (in an existing one, the lock file a peer would create). With ``--join`` it is
-briefly a member of the swarm: it pings the bootstrap peer (and up to ``CLOCK_PEERS`` others) and re-publishes the
-run's unchanged manifest, as every joining peer does; it trains nothing.
+(``store.state.StateDir``), ``swarm.dht.start_dht``, ``join.wait_for_run`` and ``join.check_compatible``. Its DHT node
+uses the peer's ``--listen``, ``--announce``, ``--client-mode`` and ``--join`` but a throw-away identity (so it never
+collides with a running peer's); it creates no state dir (in an existing one, the lock file a peer would create). With
+``--join`` it is briefly a member of the swarm: it pings the bootstrap peer (and up to ``CLOCK_PEERS`` others) and reads
+the run's signed manifest as a joining peer would; it publishes nothing and trains nothing.
 
 hivemind 1.1.12 has no dial-back request: the bootstrap peer's "ping back" (``PingRequest(validate=True)``, what
 hivemind itself checks at bootstrap) travels over the connection this node opened, so it proves that this node answers
@@ -664,19 +664,22 @@ def _describe(m: RunManifest) -> str:
 
 
 def _manifest_check(dht, cfg: PeerConfig, explicit: set[str], inputs: Inputs | None) -> tuple[Check, Run]:
-    """The run's manifest, through the joined node, checked by the peer's own ``join.resolve`` (flags, tokenizer,
-    prepared data)."""
+    """The run's signed manifest, through the joined node, checked by the peer's own ``join.check_compatible``
+    (flags, tokenizer, prepared data)."""
     from peer import join
 
     quick = dataclasses.replace(cfg, startup_timeout=MANIFEST_TIMEOUT)
     try:
-        run_id, run = join.wait_for_run(dht, cfg.run_id, MANIFEST_TIMEOUT)
+        found = join.wait_for_run(dht, cfg.run_id, MANIFEST_TIMEOUT, bootstrap=join.bootstrap_peer_ids(cfg.join),
+                                  pinned=join.read_pins(cfg.state_path))  # fmt: skip
     except UserError as e:
         return from_error("manifest", e), None
+    run_id, run = found.run_id, found.manifest
     if inputs is None:
         return skip("manifest", f"run {run_id!r} found, not compared: this peer's settings are invalid"), run
-    try:
-        join.resolve(dht, quick, explicit, inputs.tokenizer_fingerprint, inputs.vocab_size, inputs.data_fingerprint)
+    try:  # the peer's own checks, without publishing anything
+        join.check_compatible(run, quick, explicit, inputs.tokenizer_fingerprint, inputs.vocab_size,
+                              inputs.data_fingerprint)  # fmt: skip
     except UserError as e:
         return from_error("manifest", e), run
     return ok("manifest", f"run {run_id!r} ({_describe(run)}): your flags, tokenizer and data agree"), run

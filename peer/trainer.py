@@ -34,6 +34,7 @@ from peer.progress import Snapshot, StatusDisplay, Window
 from peer.run.manifest import DEFAULT_RUN_ID, RunManifest, from_config
 from peer.run.model import build_model, count_parameters
 from peer.run.presets import PRESETS
+from peer.run.schema import SignedManifest
 from peer.store.errors import CheckpointError, StateError
 from peer.store.load import load_checkpoint, verify_run
 from peer.store.state import SavedState, StateDir
@@ -191,10 +192,12 @@ class Trainer:
         dht: hivemind.DHT,
         run: RunManifest,
         batches: Iterator[dict[str, torch.Tensor]] | None = None,
+        signed_manifest: SignedManifest | None = None,
     ):
         """``batches``: the micro-batches to train on; default: this peer's shuffle of the prepared documents (the
-        equivalence test passes fixed batches, to check this very class against a single-process reference)."""
-        self.cfg, self.dht, self.run = cfg, dht, run
+        equivalence test passes fixed batches, to check this very class against a single-process reference);
+        ``signed_manifest``: the run's creator-signed manifest this peer republishes (None: it publishes none)."""
+        self.cfg, self.dht, self.run, self.signed_manifest = cfg, dht, run, signed_manifest
         self.state_dir, self.telemetry = prepared.state_dir, prepared.telemetry
         self.device = _pick_device(cfg.device)
         if cfg.threads:
@@ -231,6 +234,7 @@ class Trainer:
         self.opt = self._make_optimizer(saved, init_epoch)
 
         _, subkey = records.run_validators(run.run_id)
+        self.subkey = subkey
         self.batches = batches if batches is not None else self._make_batches(prepared, saved, subkey)
         self.publisher = MetricsPublisher(dht, run.run_id, subkey, dht.client_mode)
         self.autocast = _autocast(self.device)
@@ -370,9 +374,9 @@ class Trainer:
                 mini_steps=self.window.batches,
             )
         self.window.reset()
-        if now - self._last_publish > REPUBLISH_EVERY:
+        if now - self._last_publish > REPUBLISH_EVERY and self.signed_manifest is not None:
             self._last_publish = now
-            records.publish_manifest(self.dht, self.run)
+            records.publish_manifest(self.dht, self.signed_manifest, self.subkey)
 
     def checkpoint(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -451,15 +455,14 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
     try:
         tokenizer_fp = tokenizer_fingerprint(prepared.tokenizer)
         data_fp = prepared.dataset.fingerprint if prepared.pinned else None
-        run_manifest = join.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size(), data_fp)
-        validators, _ = records.run_validators(run_manifest.run_id)
-        dht.add_validators(validators)
+        joined = join.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size(), data_fp)
+        run_manifest = joined.manifest
         logger.info("run %s, manifest %s", run_manifest.run_id, run_manifest.fingerprint[:12])
         addresses = swarm.join_addresses(dht)
         if cfg.address_file:  # before the join line, so whoever saw the line finds the file
             swarm.write_address_file(cfg.address_file, addresses[0])
         print(f"bertswarm-peer --join {addresses[0]}", file=out, flush=True)
-        trainer = Trainer(cfg, prepared, dht, run_manifest)
+        trainer = Trainer(cfg, prepared, dht, run_manifest, signed_manifest=joined.signed)
         trainer.hooks.install(trainer)  # the fault suite's faults and probes; a no-op for volunteers
         stop.install()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start; undo that
         stop.on_stop.append(trainer.opt.cancel_matchmaking)

@@ -3,7 +3,9 @@
 Keys (``{run}`` is the run id):
 
 - ``bertswarm_runs``: subkey = run id, value = manifest fingerprint. Lets a joiner find the run without ``--run-id``.
-- ``{run}_manifest``: the run manifest as canonical JSON (see ``manifest.py``).
+- ``{run}_manifest``: subkey = a member's RSA public key (signed: only its owner can write it), value =
+  ``SignedManifest``: the run manifest as canonical JSON (see ``manifest.py``), signed by the run's creator. Every
+  member republishes the creator's signed manifest under its own subkey, so the run outlives its creator.
 - ``{run}_metrics``: subkey = a peer's RSA public key (signed), value = ``PeerMetrics``; only its owner can write it.
 - ``{run}_checkpoints``: subkey = a coordinator's RSA public key (signed), value = ``CheckpointRecord``.
 - ``{run}_diloco``: subkey = a peer's id, value = ``DiLoCoProgress`` (``--mode diloco`` only).
@@ -62,6 +64,16 @@ class PeerMetrics(pydantic.BaseModel):
     mini_steps: pydantic.conint(ge=0, le=10**9, strict=True)
     time: pydantic.StrictFloat
     client_mode: pydantic.StrictBool
+
+
+class SignedManifest(pydantic.BaseModel):
+    """The run manifest with its creator's signature (``peer.swarm.records.sign_manifest``): ``signature`` is the
+    creator's RSA-PSS signature (base64) of ``manifest``'s bytes; ``creator`` its public key (OpenSSH format), the key
+    behind the creator's peer id."""
+
+    manifest: pydantic.constr(strict=True, max_length=MAX_MANIFEST_BYTES)
+    creator: pydantic.constr(strict=True, max_length=1024)
+    signature: pydantic.constr(strict=True, max_length=1024)
 
 
 class DiLoCoProgress(pydantic.BaseModel):

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Protocol
 
 import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2PDaemonError
 
 from peer.errors import UserError
 from peer.store.atomic import atomic_write_text
 from peer.swarm import hivemind_compat
+from peer.swarm import identity as peer_identity
 from peer.swarm.addresses import DEFAULT_LISTEN, JOIN_HINT
 from peer.swarm.hivemind_compat import keep_request_futures as keep_request_futures  # re-exported: used with stop_dht
 
@@ -38,6 +40,11 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
     """Start the DHT node (and its p2pd). Addresses were validated with the config (``addresses.py``)."""
     identity = cfg.identity_path
     identity.parent.mkdir(parents=True, exist_ok=True)
+    # this process signs its DHT records with the key behind its peer id; the signature validator goes in first (the
+    # DHT keeps the first one it is given), so records signed by others (the run's manifest) read back stripped
+    key, created = peer_identity.ensure_identity(identity)
+    peer_identity.use_for_this_process(key)
+    hivemind_compat.install()  # before the DHT process forks: it and its p2pd inherit the lifeline (swarm/lifeline.py)
     try:
         return hivemind.DHT(
             initial_peers=list(cfg.join) or None,
@@ -46,7 +53,8 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
             client_mode=cfg.client_mode,
             identity_path=str(identity),
             startup_timeout=cfg.startup_timeout,
-            record_validators=list(record_validators),
+            record_validators=[RSASignatureValidator(key), *record_validators],
+            check_if_identity_free=not created,  # as hivemind does for the identities it creates itself
             start=True,
         )
     except P2PDaemonError as e:

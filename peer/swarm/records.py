@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import hivemind
 import pydantic.v1 as pydantic
@@ -17,9 +18,11 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from peer.errors import UserError
 from peer.run import schema
 from peer.run.manifest import RunManifest
-from peer.run.schema import MAX_MANIFEST_BYTES, CheckpointRecord, DiLoCoProgress, PeerMetrics
+from peer.run.schema import CheckpointRecord, DiLoCoProgress, PeerMetrics, SignedManifest
+from peer.swarm import identity
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ METRICS_TTL = 60.0  # seconds a peer's DHT metrics record lives without refresh
 class RunRecords(pydantic.BaseModel):
     """Schema of the per-run keys; ``SchemaValidator(prefix=run_id)`` maps field ``x`` to key ``{run}_x``."""
 
-    manifest: pydantic.constr(strict=True, max_length=MAX_MANIFEST_BYTES)
+    manifest: dict[BytesWithPublicKey, SignedManifest]
     metrics: dict[BytesWithPublicKey, PeerMetrics]
     checkpoints: dict[BytesWithPublicKey, CheckpointRecord]
     diloco: dict[pydantic.StrictBytes, DiLoCoProgress]
@@ -53,19 +56,65 @@ def run_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> tup
 # --- the run manifest -----------------------------------------------------------------------------------------------
 
 
-def publish_manifest(dht: hivemind.DHT, manifest: RunManifest) -> None:
-    """(Re-)publish the manifest and register the run; every peer of the run does this periodically."""
+def sign_manifest(manifest: RunManifest, key: RSAPrivateKey) -> SignedManifest:
+    """The run's creator signs its manifest with its identity key (``peer.swarm.identity``)."""
+    text = manifest.to_json()
+    signature = key.sign(text.encode()).decode()
+    return SignedManifest(manifest=text, creator=identity.public_key_text(key), signature=signature)
+
+
+def install_run_validators(dht: hivemind.DHT, run_id: str) -> bytes:
+    """Add the run's validators to the DHT (signing with this process's key: the peer's identity key once
+    ``identity.use_for_this_process`` ran); returns the subkey only this peer can write."""
+    validators, subkey = run_validators(run_id)
+    dht.add_validators(validators)
+    return subkey
+
+
+def publish_manifest(dht: hivemind.DHT, signed: SignedManifest, subkey: bytes) -> None:
+    """(Re-)publish the creator-signed manifest under this peer's own ``subkey`` and register the run; every member
+    does this periodically (the run's validators must be installed: ``install_run_validators``)."""
+    manifest = RunManifest.from_json(signed.manifest)
     expiration = get_dht_time() + MANIFEST_TTL
-    dht.store(schema.manifest_key(manifest.run_id), manifest.to_json(), expiration_time=expiration)
+    dht.store(schema.manifest_key(manifest.run_id), signed.dict(), expiration_time=expiration, subkey=subkey)
     dht.store(schema.RUNS_KEY, manifest.fingerprint, expiration_time=expiration, subkey=manifest.run_id)
 
 
-def fetch_manifest(dht: hivemind.DHT, run_id: str) -> RunManifest | None:
-    """The run's manifest, None while there is none; a malformed one raises ``ManifestError``."""
+@dataclass(frozen=True)
+class ManifestRecord:
+    """One member's copy of the run's manifest: who published it (the peer id behind its subkey), the creator's key
+    and the manifest, if the creator's signature verifies and the manifest parses (else ``manifest`` is None)."""
+
+    publisher: str | None
+    creator: str | None
+    manifest: RunManifest | None
+    signed: SignedManifest | None = None
+
+
+def fetch_manifests(dht: hivemind.DHT, run_id: str) -> list[ManifestRecord]:
+    """Every member's copy of ``run_id``'s signed manifest (the validators already dropped records whose DHT
+    signature or schema was wrong; the creator's signature is checked here)."""
     found = dht.get(schema.manifest_key(run_id), latest=True)
-    if found is None or not isinstance(found.value, str):
-        return None
-    return RunManifest.from_json(found.value)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    copies = []
+    for subkey, item in found.value.items():
+        publisher = identity.peer_id_of_owner(subkey)
+        try:
+            signed = SignedManifest.parse_obj(item.value)
+        except (pydantic.ValidationError, AttributeError):
+            copies.append(ManifestRecord(str(publisher) if publisher else None, None, None))
+            continue
+        manifest = None
+        if identity.verify(signed.creator, signed.manifest.encode(), signed.signature):
+            try:
+                manifest = RunManifest.from_json(signed.manifest)
+            except UserError:
+                manifest = None
+        if manifest is not None and manifest.run_id != run_id:
+            manifest = None  # another run's manifest replayed under this run's key
+        copies.append(ManifestRecord(str(publisher) if publisher else None, signed.creator, manifest, signed))
+    return copies
 
 
 def discover_runs(dht: hivemind.DHT) -> list[str]:

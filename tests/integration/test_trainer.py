@@ -32,9 +32,8 @@ def solo_trainer(tmp_path, small_corpus):
     trainer = None
     try:
         tok = prepared.tokenizer
-        run = join.resolve(dht, cfg, explicit, tokenizer_fingerprint(tok), tok.get_vocab_size())
-        dht.add_validators(records.run_validators(run.run_id)[0])
-        trainer = Trainer(cfg, prepared, dht, run)
+        joined = join.resolve(dht, cfg, explicit, tokenizer_fingerprint(tok), tok.get_vocab_size())
+        trainer = Trainer(cfg, prepared, dht, joined.manifest, signed_manifest=joined.signed)
         yield trainer, prepared
     finally:
         if trainer is not None:
