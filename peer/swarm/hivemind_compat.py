@@ -6,7 +6,9 @@ and was verified against the hivemind versions in ``CHECKED_VERSIONS`` only (``p
 adapt, rerun the unit and integration tests, then add the version.
 
 - ``install()``: the patches, once per process, before hivemind forks an averager (forked processes inherit them):
-  the 8-bit decoders fixed for NumPy >= 2.4, and the finite-only reducer of ``peer.swarm.guards`` in the all-reduce.
+  the 8-bit decoders fixed for NumPy >= 2.4, the finite-only reducer of ``peer.swarm.guards`` in the all-reduce, and
+  ``peer.swarm.lifeline`` (hivemind's helper processes and p2pd die with their parent; hivemind 1.1.12 leaves them
+  running after a crash).
 - ``HookedOptimizer`` / ``FilteredProgressTracker``: hivemind subclasses that turn the private steps bertswarm needs
   into public hooks (``peer.swarm.optim.SwarmOptimizer`` and ``peer.swarm.guards.BoundedProgressTracker`` use them).
 - ``PseudoGradientAverager`` / ``OuterStateAverager``: the averagers of ``--mode diloco`` (``peer.swarm.diloco``), with
@@ -61,6 +63,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    from peer.swarm import lifeline
+
+    lifeline.install()  # helpers and p2pd die with this process, which leaves if one is killed (see its docstring)
     from hivemind.averaging import allreduce
     from hivemind.compression.quantization import BlockwiseQuantization, Quantization
 
