@@ -298,3 +298,13 @@ def test_serve_scenario_rows_take_ratios_per_repetition_and_check_steps_per_clie
     assert rows["load test: publish → first answer with the new step (max)"]["values"] == [3.0, None]
     assert report.goal_met(ratio["goal"], 3.0) == "met"
     assert len(serve.texts(40)) == 40 and all(t.count("[MASK]") == 1 for t in serve.texts(40))
+
+
+def test_the_gpu_check_refuses_a_machine_without_cuda_in_one_line(tmp_path, monkeypatch, capsys):
+    from bench import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["gpu_check: no CUDA device is visible to torch; run it on a machine with an NVIDIA GPU"]
+    assert not (tmp_path / "out").exists()
