@@ -16,7 +16,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from peer import __version__
+from peer import __version__, logs
 from peer.config import PeerConfig
 from peer.errors import UserError
 from peer.swarm import hivemind_compat  # imports no hivemind (see its docstring)
@@ -126,14 +126,9 @@ def parse_config(argv: list[str] | None = None, environ=None, parser=None, confi
     return cfg, set(values)
 
 
-def setup_logging() -> None:
-    level = os.environ.get("BERTSWARM_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level if level in logging._nameToLevel else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+def setup_logging(*, quiet: bool = False, verbose: bool = False, log_format: str = "text") -> None:
+    """Every command's logging: stderr through ``peer.logs`` (text or JSON lines, never over the status line)."""
+    logs.setup(quiet=quiet, verbose=verbose, log_format=log_format)
     logging.getLogger("transformers").setLevel(logging.WARNING)
     # hivemind's log level, its shutdown noise and warnings (hivemind_compat imports no hivemind: it must come first)
     hivemind_compat.configure_logging()
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         cfg, explicit = parse_config(argv)
-        setup_logging()
+        setup_logging(quiet=cfg.quiet, verbose=cfg.verbose, log_format=cfg.log_format)
         from peer.swarm import hivemind_compat
 
         hivemind_compat.check_version()  # before anything that subclasses hivemind's internals is imported

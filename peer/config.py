@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer.errors import UserError
+from peer.logs import LOG_FORMATS
 from peer.run.manifest import (
     AGGREGATIONS,
     DEFAULT_AGGREGATION,
@@ -201,6 +202,14 @@ class PeerConfig:
         group="peer",
     )
     log_every: float = setting("seconds between progress reports", default=5.0, metavar="SECONDS", group="peer")
+    quiet: bool = setting("warnings and errors only: no status line, no progress reports", default=False, group="peer")
+    verbose: bool = setting("also bertswarm's debug lines", default=False, group="peer")
+    log_format: str = setting(
+        f"how log lines are written to stderr, one of {', '.join(LOG_FORMATS)} (json: one object per line, for service "
+        "managers and log shippers)",
+        default="text",
+        group="peer",
+    )
 
     def validate(self) -> PeerConfig:
         """Check every value; raise ``UserError`` naming the flag, the bad value and what is allowed."""
@@ -210,6 +219,9 @@ class PeerConfig:
         _choice("--mode", self.mode, MODES)
         _choice("--outer-compression", self.outer_compression, OUTER_COMPRESSIONS)
         _choice("--aggregation", self.aggregation, AGGREGATIONS)
+        _choice("--log-format", self.log_format, LOG_FORMATS)
+        if self.quiet and self.verbose:
+            raise UserError("--quiet and --verbose contradict each other; pass one")
         _positive("inner_steps", self.inner_steps)
         if not 0.0 < self.outer_lr <= 10.0:
             raise UserError(f"--outer-lr {self.outer_lr}: must be in (0, 10], e.g. 0.7")

@@ -5,11 +5,13 @@ The same numbers feed the Prometheus gauges and the peer's signed metrics record
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
+
+from peer import logs
 
 logger = logging.getLogger(__name__)
 
@@ -59,24 +61,19 @@ class Window:
 
 
 class StatusDisplay:
-    """Rewrites one line in place on a TTY; logs a line per report otherwise (files, pipes, journald)."""
+    """Rewrites one line in place on a terminal (``peer.logs.Terminal``: log lines are printed above it, never over
+    it); a log line per report otherwise (files, pipes, journald; with ``--log-format json`` the numbers are fields);
+    nothing with ``--quiet``."""
 
-    def __init__(self, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self._width = 0
+    def __init__(self) -> None:
+        self.live = logs.status_line_wanted()
 
     def show(self, snapshot: Snapshot) -> None:
-        text = snapshot.line()
         if self.live:
-            self.stream.write("\r" + text.ljust(self._width))
-            self.stream.flush()
-            self._width = len(text)
+            logs.terminal().show_status(snapshot.line())
         else:
-            logger.info(text)
+            logger.info(snapshot.line(), extra={"fields": dataclasses.asdict(snapshot)})
 
     def close(self) -> None:
-        if self.live and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
+        if self.live:
+            logs.terminal().end_status()

@@ -77,7 +77,18 @@ def install() -> None:
     # hivemind's AllReduceRunner builds its reducer from this module global; every averager forked after this call
     # (gradients and state) averages finite parts only
     allreduce.TensorPartReducer = FiniteTensorPartReducer
+    _route_logs()
     _installed = True
+
+
+def _route_logs() -> None:
+    """hivemind's records through the root logger (``peer.logs``: the same format, JSON lines too, and never over the
+    status line) instead of its own stderr handler; its level stays ``HIVEMIND_LOGLEVEL`` (WARNING by default)."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")
+    level = os.environ.get("HIVEMIND_LOGLEVEL", "WARNING").upper()
+    logging.getLogger("hivemind").setLevel(level if level in logging._nameToLevel else "WARNING")
 
 
 def _extract_quantized(self, serialized_tensor):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import logging
 import math
 import urllib.request
 
@@ -12,7 +10,6 @@ import torch
 
 from peer import join
 from peer.data.tokenizer import tokenizer_fingerprint
-from peer.progress import Snapshot, StatusDisplay
 from peer.swarm import dht as swarm
 from peer.swarm import records
 from peer.swarm.records import read_swarm_metrics
@@ -82,25 +79,3 @@ def test_metrics_endpoint_and_signed_dht_record(solo_trainer):
     assert len(records) == 1
     (record,) = records.values()
     assert record.samples_total == 24 and record.mini_steps == 3 and 5.0 < record.loss < 12.0
-
-
-def test_status_line_on_a_terminal_and_log_lines_elsewhere(caplog):
-    snap = Snapshot(epoch=7, round_text="96/192 samples, next step in 4s", peers=3, loss=6.5, samples_per_second=41.0,
-                    samples_total=1000, learning_rate=1e-3)  # fmt: skip
-
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    tty = Tty()
-    display = StatusDisplay(tty)
-    display.show(snap)
-    display.show(snap)
-    display.close()
-    out = tty.getvalue()
-    assert out.count("\r") == 2 and out.endswith("\n")
-    assert "step 7 | 96/192 samples, next step in 4s | 3 peers | loss 6.500 | 41.0 samples/s" in out
-
-    with caplog.at_level(logging.INFO, logger="peer.progress"):
-        StatusDisplay(io.StringIO()).show(snap)
-    assert "step 7 | 96/192" in caplog.text
