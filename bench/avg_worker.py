@@ -10,6 +10,7 @@ python -m bench.avg_worker probe --port PORT --megabytes M      (receiver; the s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import socket
 import time
@@ -48,13 +49,17 @@ def hivemind_peer(args) -> None:
     names = args.compressions.split(",")
     averagers = {}
     for name in names:
-        tensors = initial_tensors(shapes, args.index, name)
+        codec, aggregation = arm(name)
+        tensors = initial_tensors(shapes, args.index, codec)
         # the product's settings (peer.optim.make_optimizer with its default 30 s averaging timeout), with a shorter
         # matchmaking time: matchmaking is not part of the measured round
-        averagers[name] = hivemind.averaging.DecentralizedAverager(
-            tensors, dht, prefix=f"bench_{name}", target_group_size=args.peers, min_group_size=args.peers,
-            min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=15.0, allreduce_timeout=args.timeout,
-            compression=compression(name), start=True,
+        cls, robust = hivemind.averaging.DecentralizedAverager, {}
+        if aggregation is not None:  # the product's reducer (peer.swarm.robust) with this rule
+            cls, robust = _robust_averager(), {"aggregation": aggregation}
+        averagers[name] = cls(
+            tensors, dht, prefix=f"bench_{name.replace('@', '_')}", target_group_size=args.peers,
+            min_group_size=args.peers, min_matchmaking_time=2.0, request_timeout=1.0, next_chunk_timeout=15.0,
+            allreduce_timeout=args.timeout, compression=compression(codec), start=True, **robust,
         )  # fmt: skip
     rounds = {name: [] for name in averagers}
     try:
@@ -72,9 +77,9 @@ def hivemind_peer(args) -> None:
                 finished = control.exception() is None
                 # hivemind reports success even when a groupmate's parts could not be used (it keeps the local
                 # values of those parts), so the result is checked against the true mean of every peer's tensors
-                error = relative_error(averager, shapes, args.peers, name) if finished else float("nan")
+                error = relative_error(averager, shapes, args.peers, arm(name)[0]) if finished else float("nan")
                 rounds[name].append(
-                    {"ok": finished and error < MAX_RELATIVE_ERROR[name], "relative_error": error,
+                    {"ok": finished and error < max_relative_error(name), "relative_error": error,
                      "allreduce_s": ended - (began or called), "total_s": ended - called,
                      "group": len(control.result()) if finished else 0,
                      "error": "" if finished else repr(control.exception())[:300]}
@@ -95,6 +100,33 @@ def hivemind_peer(args) -> None:
 # an averaged vector further than this from the true mean (relative L2) is a failed round: a part that was not
 # averaged is off by ~100 %, lossy compression by ~0.05 % (fp16) or a few % (8-bit)
 MAX_RELATIVE_ERROR = {"none": 1e-4, "fp16": 1e-2, "int8": 0.2}
+# a robust rule is not the mean by design (clipped-mean scales parts above the median norm down to it): what it may
+# deviate on these Gaussian tensors, on top of the compression's error
+ROBUST_EXTRA_ERROR = 0.05
+
+
+def arm(name: str) -> tuple[str, str | None]:
+    """An arm's compression and aggregation rule: ``none`` is hivemind's own averager, ``none@clipped-mean`` the
+    product's reducer (``peer.swarm.robust``) with that rule."""
+    codec, _, aggregation = name.partition("@")
+    return codec, aggregation or None
+
+
+def max_relative_error(name: str) -> float:
+    codec, aggregation = arm(name)
+    return MAX_RELATIVE_ERROR[codec] + (ROBUST_EXTRA_ERROR if aggregation not in (None, "mean") else 0.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _robust_averager():
+    from hivemind.averaging import DecentralizedAverager
+
+    from peer.swarm.robust import RobustAveragingMixin
+
+    class BenchRobustAverager(RobustAveragingMixin, DecentralizedAverager):
+        pass
+
+    return BenchRobustAverager
 
 
 def initial_tensors(shapes: list[torch.Size], index: int, name: str) -> list[torch.Tensor]:

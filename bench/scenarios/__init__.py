@@ -14,6 +14,7 @@ NAMES = [
     "data",
     "serve",
     "finetune",
+    "robust",
 ]
 
 

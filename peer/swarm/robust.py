@@ -100,15 +100,17 @@ def _flat(parts: torch.Tensor) -> torch.Tensor:
     return parts.reshape(parts.shape[0], -1).to(torch.float32)
 
 
-def weighted_mean(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_mean(parts: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """hivemind's average: ``sum(w_i x_i) / sum(w_i)``. Give it bounded weights (``voting_weights``); weights summing to
-    0 count equally. One sender can move it anywhere."""
+    0 count equally. One sender can move it anywhere. ``scale``: each part multiplied by ``scale_i`` first (folded
+    into the coefficients: no scaled copy of the parts)."""
     flat = _flat(parts)
     weights = weights.to(torch.float64)
     total = weights.sum().item()
     if not total > 0:
         weights, total = torch.ones_like(weights), float(len(weights))
-    return ((weights / total).to(flat.dtype) @ flat).reshape(parts.shape[1:])
+    coefficients = weights / total if scale is None else weights * scale.to(torch.float64) / total
+    return (coefficients.to(flat.dtype) @ flat).reshape(parts.shape[1:])
 
 
 def upper_median(values: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,7 @@ def clipped_mean(parts: torch.Tensor, weights: torch.Tensor, clip_factor: float 
     norms = flat.norm(dim=1)
     limit = clip_factor * upper_median(norms)
     scale = torch.where(norms > limit, limit / norms, torch.ones_like(norms))
-    return weighted_mean(flat * scale[:, None], weights).reshape(parts.shape[1:])
+    return weighted_mean(flat, weights, scale).reshape(parts.shape[1:])
 
 
 def coordinate_median(parts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
