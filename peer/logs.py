@@ -53,11 +53,12 @@ class Terminal:
 
     def write_line(self, text: str) -> None:
         with self._lock:
-            drawn = self.is_tty and self.status
-            if drawn:
+            owner = os.getpid() == self._owner
+            # a forked helper cannot know whether the owner's status line is on screen now: it always clears the line
+            if self.is_tty and (self.status or not owner):
                 self.stream.write(_CLEAR_LINE)
             self.stream.write(text + "\n")
-            if drawn and os.getpid() == self._owner:
+            if self.is_tty and self.status and owner:
                 self.stream.write(self.status)
             self.stream.flush()
 

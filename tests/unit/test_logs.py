@@ -73,10 +73,11 @@ def test_log_lines_go_above_the_status_line_never_into_it(monkeypatch):
 def test_a_forked_helper_clears_the_line_and_leaves_the_redraw_to_the_peer():
     tty = Tty()
     term = logs.setup(stream=tty)
-    term.show_status(STATUS)
-    term._owner = os.getpid() + 1  # as seen from a process hivemind forked after the status line was drawn
+    term._owner = os.getpid() + 1  # as seen from a helper hivemind forked before any status line was drawn
+    tty.write(STATUS)  # the peer's status line, drawn after the fork
     logging.getLogger("hivemind").warning("from a helper")
-    assert screen(tty.getvalue())[-1].endswith("from a helper")  # no stale status line drawn after it
+    shown = screen(tty.getvalue())
+    assert len(shown) == 1 and shown[0].endswith("from a helper")  # on its own line; the peer redraws its status
 
 
 def test_colours_only_on_a_terminal(monkeypatch):
