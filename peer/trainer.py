@@ -49,6 +49,7 @@ from peer.telemetry import OUTER_ROUND_OUTCOMES, ROUND_OUTCOMES, PeerTelemetry
 logger = logging.getLogger(__name__)
 
 STEP_DEADLINE = 6.0  # seconds the current step may still take after SIGINT/SIGTERM; saving and leaving take ~1 s
+LEAVE_DEADLINE = 3.0  # seconds a leaving peer waits for the DHT to store its goodbye (withdrawn progress record)
 REPUBLISH_EVERY = records.MANIFEST_TTL / 3
 
 
@@ -473,17 +474,32 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
 
 
 def _shutdown(trainer: Trainer | None, dht: hivemind.DHT, prepared: Prepared) -> None:
-    """Save, then stop hivemind's processes and threads; each step runs even if an earlier one failed."""
+    """Leave the swarm, save, then stop hivemind's processes and threads; each step runs even if an earlier one
+    failed."""
     started = time.perf_counter()
-    with swarm.keep_request_futures(dht):
-        steps = [] if trainer is None else [trainer.display.close, partial(trainer.checkpoint, force=True),
-                                            trainer.close]  # fmt: skip
+    with swarm.keep_request_futures(dht) as stores:
+        steps = [] if trainer is None else [trainer.display.close, partial(_leave_swarm, trainer.opt, stores),
+                                            partial(trainer.checkpoint, force=True), trainer.close]  # fmt: skip
         steps += [partial(swarm.stop_dht, dht)]
         for step in steps:
             _run_shutdown_step(step)
     for step in (prepared.telemetry.close, prepared.state_dir.close):
         _run_shutdown_step(step)
     logger.info("left the swarm in %.1fs", time.perf_counter() - started)
+
+
+def _leave_swarm(opt: SwarmOptimizer | DiLoCoOptimizer, stores: list) -> None:
+    """First on the way out, before saving: leave matchmaking and withdraw this peer's progress record, so the
+    others go on without it at once instead of waiting for the record to expire; then wait (at most
+    ``LEAVE_DEADLINE``) until the DHT has stored that goodbye (``stores``: the futures ``keep_request_futures``
+    holds)."""
+    opt.leave_swarm()
+    deadline = time.monotonic() + LEAVE_DEADLINE
+    for future in list(stores):
+        try:
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as e:  # the others find out when the record expires, as after a crash
+            logger.debug("goodbye record not stored: %r", e)
 
 
 def _run_shutdown_step(step) -> None:

@@ -15,7 +15,9 @@ How peers are matched into a round (the simplest robust scheme found; alternativ
 
 - **Progress records.** Every peer keeps a record ``{run_id}_diloco`` / subkey = its peer id with its outer epoch
   and whether it is at the boundary ("ready"), refreshed by a heartbeat thread every ``heartbeat_period`` seconds
-  (it expires after 3 periods, so a dead peer is forgotten within ~15 s by default).
+  (it expires after 3 periods, so a dead peer is forgotten within ~15 s by default). A peer that leaves cleanly
+  (``leave``) overwrites its record with a *withdrawn* one (all zero, ``time`` 0.0), which the others ignore at
+  once; a round still looking for its group is given up as soon as no other peer of that round is left on record.
 - **Epoch-keyed groups.** Before a round the averager's group key is set to the epoch (16 bits of it), so hivemind's
   matchmaking only ever groups peers of the same outer epoch: a straggler can never mix a pseudo-gradient computed
   from an older ``θ_outer`` into the others' round. The epoch also travels in ``gather`` and is checked.
@@ -63,12 +65,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from functools import partial
 
 import hivemind
 import pydantic.v1 as pydantic
 import torch
+from hivemind.averaging.control import AveragingStage
 from hivemind.compression import (
     CompressionInfo,
     NoCompression,
@@ -91,6 +95,13 @@ PSEUDOGRAD_COMPRESSIONS = OUTER_COMPRESSIONS  # the manifest's choices; the dict
 assert set(PSEUDOGRAD_COMPRESSION) == set(OUTER_COMPRESSIONS)
 OUTCOMES = ("success", "solo", "failed", "reloaded")
 EPOCH_BITS = 16  # group key bits carrying the outer epoch (mod 2**16)
+# A leaving peer's last record: round 0, not ready, at wall time 0.0, which no live heartbeat writes. Peers of this
+# version ignore it at once; older ones see a peer at round 0, which no round after the first waits for.
+WITHDRAWN = dict(round=0, ready=False, step=0, time=0.0)
+# While a round looks for its group: how often it checks the records for peers that left, and in how many checks in a
+# row no other peer of the round must be left before it gives up (one more covers a record on its way to the DHT).
+DEPARTURE_CHECK_PERIOD = 0.5
+DEPARTURE_CHECKS = 2
 
 
 # The hivemind subclasses of this mode live with bertswarm's other hivemind internals (every peer and the coordinator
@@ -269,6 +280,9 @@ class DiLoCo:
         self._record = dict(round=0, ready=False, step=0)
         self.others_seen = 0  # live peers of the run other than this one, as of the last read of the records
         self._stop = threading.Event()
+        self._leaving = threading.Event()  # set on the stop signal (cancel_matchmaking): join no new group
+        self._left = False  # the withdrawn record is stored: publish nothing after it (under _dht_lock)
+        self._control = None  # the averaging round in progress (pseudo-gradients or agreement), for cancel_matchmaking
         self._store_futures: list = []
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="diloco-heartbeat", daemon=True)
         self._publish(wait=True)
@@ -362,8 +376,37 @@ class DiLoCo:
         self.inner_step = 0
         return report
 
-    def shutdown(self) -> None:
+    def cancel_matchmaking(self) -> bool:
+        """This peer is leaving (the stop signal; quick, safe in a signal handler): join no new group, and abandon
+        the round in progress if it is still looking for its group (a round exchanging tensors is left to finish:
+        cancelling it would fail it for the group). Returns whether a round was cancelled."""
+        self._leaving.set()
+        control = self._control
+        if control is not None and not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP:
+            return control.cancel()
+        return False
+
+    def leave(self, timeout: float = 3.0) -> None:
+        """Leave the swarm, first thing on the way out: no more rounds, no more heartbeats, and this peer's record
+        replaced by ``WITHDRAWN`` (stored within ``timeout`` seconds), so the others stop waiting for it at once
+        instead of when its record expires. ``shutdown`` calls it; ``peer.trainer`` calls it before saving."""
+        self.cancel_matchmaking()
         self._stop.set()
+        self._heartbeat.join(timeout=5)
+        with self._dht_lock:
+            if self._left:
+                return
+            self._left = True
+            expiration = get_dht_time() + 3 * self.heartbeat_period  # later than any earlier record's: it replaces it
+            future = self.dht.store(self._record_key, WITHDRAWN, expiration, subkey=self._subkey, return_future=True)
+            self._store_futures.append(future)
+        try:
+            future.result(timeout=timeout)
+        except Exception as e:  # the others find out when the record expires, as after a crash
+            logger.debug("withdrawn progress record not stored: %r", e)
+
+    def shutdown(self) -> None:
+        self.leave()
         if self._pending is not None:
             try:
                 self._pending.result(timeout=self.matchmaking_timeout + self.averaging_timeout + 10)
@@ -551,7 +594,10 @@ class DiLoCo:
             control = hivemind_compat.average_tensors_once(
                 self.state, gather=dict(epoch=epoch), weight=1.0, timeout=self.matchmaking_timeout
             )
-            gathered = control.result(timeout=self.matchmaking_timeout + self.averaging_timeout + 5)
+            gathered = self._await_group(control, epoch, self.matchmaking_timeout + self.averaging_timeout + 5)
+        except _GroupGone as e:
+            logger.info("outer epoch %d: agreement round given up: %s", epoch, e)
+            return False
         except Exception as e:
             logger.warning("outer epoch %d: agreement round failed (%r); peers may stay apart until the next", epoch, e)
             if "control" in locals() and not control.done():
@@ -587,7 +633,7 @@ class DiLoCo:
             ready = [r == epoch and is_ready for r, is_ready in others]
             # still to come: peers training towards this round, and peers still in the previous round's exchange
             coming = [(r == epoch and not is_ready) or (r == epoch - 1 and is_ready) for r, is_ready in others]
-            if self._stop.is_set():  # this peer is leaving
+            if self._stop.is_set() or self._leaving.is_set():  # this peer is leaving
                 return _Exchange("failed", epoch)
             if not any(coming) or time.monotonic() > deadline:
                 break
@@ -604,7 +650,12 @@ class DiLoCo:
             gather=dict(epoch=epoch), weight=1.0, timeout=self.matchmaking_timeout, wait=False
         )
         try:
-            gathered = control.result(timeout=self.matchmaking_timeout + self.averaging_timeout + 5)
+            gathered = self._await_group(control, epoch, self.matchmaking_timeout + self.averaging_timeout + 5)
+        except _GroupGone as e:
+            if self._leaving.is_set():
+                return _Exchange("failed", epoch)
+            logger.warning("outer round %d: %s; stepping alone instead of waiting for a group", epoch, e)
+            return _Exchange("solo", epoch)
         except Exception as e:
             if not control.done():
                 control.cancel()
@@ -618,10 +669,39 @@ class DiLoCo:
             return _Exchange("failed", epoch)
         return _Exchange("success" if len(gathered) > 1 else "solo", epoch, group_size=len(gathered))
 
+    def _await_group(self, control, epoch: int, timeout: float):
+        """``control.result(timeout)``, except that a round still looking for its group is cancelled (``_GroupGone``)
+        once this peer is leaving, or once no other peer of round ``epoch`` is left on record (``DEPARTURE_CHECKS``
+        reads in a row): they left, and hivemind would look until the matchmaking timeout, then log a traceback."""
+        self._control = control
+        if self._leaving.is_set():
+            self.cancel_matchmaking()  # the stop signal came just before this round began
+        deadline = time.monotonic() + timeout
+        gone = 0
+        try:
+            while True:
+                try:
+                    return control.result(timeout=max(0.0, min(DEPARTURE_CHECK_PERIOD, deadline - time.monotonic())))
+                except FutureTimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise
+                if control.stage != AveragingStage.LOOKING_FOR_GROUP:
+                    continue
+                others = None if self._leaving.is_set() else self._read_others()
+                gone = gone + 1 if others is not None and not any(r == epoch for r, _ in others) else 0
+                if (self._leaving.is_set() or gone >= DEPARTURE_CHECKS) and control.cancel():
+                    raise _GroupGone("this peer is leaving" if self._leaving.is_set() else "the other peers left")
+        except CancelledError:
+            raise _GroupGone("this peer is leaving" if self._leaving.is_set() else "the round was cancelled") from None
+        finally:
+            self._control = None
+
     # --- progress records ---------------------------------------------------------------------------------------------
 
     def _publish(self, wait: bool) -> None:
         with self._dht_lock:
+            if self._left:
+                return  # the withdrawn record stays
             record = dict(self._record, step=self.inner_step, time=float(time.time()))
             expiration = get_dht_time() + 3 * self.heartbeat_period
             self._store_futures = [f for f in self._store_futures if not f.done()]
@@ -634,28 +714,41 @@ class DiLoCo:
                 logger.debug("progress record store failed: %r", e)
 
     def _read_records(self) -> list[tuple[int, bool]]:
-        """(round, ready) of every other live peer."""
+        """(round, ready) of every other live peer (withdrawn records left out); [] when the read failed."""
+        records, _ = self._read_all()
+        return records
+
+    def _read_others(self) -> list[tuple[int, bool]] | None:
+        """As ``_read_records``, but None unless the read also found this peer's own record (which its heartbeat keeps
+        live): an empty list then means that no other peer is there, not that the read failed."""
+        records, own = self._read_all()
+        return records if own else None
+
+    def _read_all(self) -> tuple[list[tuple[int, bool]], bool]:
         with self._dht_lock:
             future = self.dht.get(self._record_key, latest=True, return_future=True)
         try:
             found = future.result(timeout=max(5.0, self.heartbeat_period))
         except Exception as e:
             logger.debug("reading progress records failed: %r", e)
-            return []
+            return [], False
         if found is None or not isinstance(found.value, dict):
             self.others_seen = 0
-            return []
-        records = []
+            return [], False
+        records, own = [], False
         for subkey, entry in found.value.items():
             if subkey == self._subkey:
+                own = True
                 continue
             try:
                 progress = schema.DiLoCoProgress.parse_obj(getattr(entry, "value", None))
             except (pydantic.ValidationError, TypeError):
                 continue  # the DHT's validator refuses such records; one that got through anyway is ignored
+            if progress.time <= WITHDRAWN["time"]:
+                continue  # that peer left
             records.append((progress.round, progress.ready))
         self.others_seen = len(records)
-        return records
+        return records, own
 
     def _heartbeat_loop(self) -> None:
         """Refresh this peer's record and count the others' (for the status line, off the training thread)."""
@@ -665,6 +758,10 @@ class DiLoCo:
                 self._read_records()
             except Exception as e:  # the DHT may be shutting down
                 logger.debug("progress heartbeat failed: %r", e)
+
+
+class _GroupGone(Exception):
+    """A round given up while looking for its group: this peer is leaving, or the others left."""
 
 
 def outer_optimizer(outer_lr: float, outer_momentum: float, nesterov: bool = True):

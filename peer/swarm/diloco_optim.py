@@ -112,7 +112,12 @@ class DiLoCoOptimizer:
         return SwarmProgress(peers=1 + self.engine.others_seen, text=text)
 
     def cancel_matchmaking(self) -> bool:
-        return False  # an outer round is bounded by its own timeouts; the stop deadline covers the rest
+        """The stop signal: join no new outer round and abandon one still looking for its group."""
+        return self.engine.cancel_matchmaking()
+
+    def leave_swarm(self) -> None:
+        """First thing when leaving: withdraw this peer's progress record, so the others stop waiting for it."""
+        self.engine.leave()
 
     # --- local state (<state-dir>) -----------------------------------------------------------------------------------
 

@@ -148,6 +148,26 @@ def sanitize_progress(
     return kept, dropped
 
 
+def others_left(records: dict | None, me: bytes, now: float) -> bool:
+    """Whether a fresh read of ``{run}_progress`` (``records``: subkey -> ``ValueWithExpiration``, as hivemind's
+    ``DHT.get`` returns them) shows that every other peer has left: this peer's own live record is there (the read
+    worked) and no other peer's live one is. A peer that leaves cleanly replaces its record with hivemind's "goodbye"
+    (value None, ``SwarmOptimizer.leave_swarm``); a crashed peer's record counts until it expires. Any other live
+    record counts as a peer that may still come, whatever it says."""
+    if not isinstance(records, dict):
+        return False
+    own = False
+    for entry in records.values():
+        value, expiration = getattr(entry, "value", None), getattr(entry, "expiration_time", -math.inf)
+        if value is None or expiration < now:
+            continue  # withdrawn or expired
+        if isinstance(value, dict) and value.get("peer_id") == me:
+            own = True
+        else:
+            return False
+    return own
+
+
 class BoundedProgressTracker(hivemind_compat.FilteredProgressTracker):
     """hivemind's ProgressTracker reading the other peers' progress records through ``sanitize_progress``."""
 

@@ -409,8 +409,24 @@ def configure_logging() -> None:
     # with a traceback, which reads like a crash to volunteers. bertswarm's own code logs its failures itself.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     logging.getLogger("hivemind.dht.dht").addFilter(drop_orphaned_request_errors)
+    logging.getLogger("hivemind.averaging.averager").addFilter(shorten_group_not_found)
     # hivemind advances the LR scheduler to the swarm's step after loading state, before any local optimizer step
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+
+
+def shorten_group_not_found(record: logging.LogRecord) -> bool:
+    """hivemind's "Averaging step failed: could not find a group" as one WARNING line, not an ERROR with a traceback
+    (the filter is inherited by the forked averager processes).
+
+    Every peer of a round logs it when a groupmate left, crashed or was too slow before the group formed: an expected
+    event in a volunteer swarm, not a bug, and the traceback is hivemind's own call stack. bertswarm's caller says
+    in its own line what the peer did instead (stepped with its local gradients, or alone).
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    if type(exc).__name__ == "AllreduceException" and "could not find a group" in str(exc):
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.msg, record.args, record.exc_info, record.exc_text = str(exc), (), None, None
+    return True
 
 
 def drop_orphaned_request_errors(record: logging.LogRecord) -> bool:

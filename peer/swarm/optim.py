@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 
 STATE_AVERAGING_EVERY = 10  # global steps between parameter/optimizer-state averaging rounds
+# While this peer waits for a group, how often it checks whether the others it counted on have left the swarm, and in
+# how many checks in a row they must all be gone before it stops waiting (one more check covers a peer that began
+# looking for a group a moment before its first progress record reached the DHT).
+DEPARTURE_CHECK_PERIOD = 0.5
+DEPARTURE_CHECKS = 2
 # Gradient compressions (benchmarks; make_optimizer's grad_compression). Every peer of a run must use the same one:
 # hivemind splits tensors into parts by the compression's size ratio, so mixed settings never complete a round.
 GRAD_COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "int8": Uniform8BitQuantization}
@@ -179,6 +185,9 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
     ``on_round(outcome, group_size, seconds)`` is called with outcome ``success``, ``failed`` (the round timed out or
     broke and this peer stepped with its local gradients) or ``solo`` (no other peer was there to average with).
     The hooks into hivemind's private steps are ``hivemind_compat.HookedOptimizer``'s.
+
+    Departures: a leaving peer calls ``leave_swarm`` (no more matchmaking, its progress record withdrawn); a peer whose
+    round is still looking for its group when every other peer has left stops waiting and steps alone (``solo``).
     """
 
     progress_tracker_class = guards.BoundedProgressTracker
@@ -201,6 +210,11 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         hivemind_compat.install()  # likewise: the forked averagers keep the (finite-only, NumPy 2.4-fixed) hivemind
         super().__init__(*args, **kwargs)
         self.state_averager.optimizer.on_nonfinite = self._count_nonfinite_step
+        # the gradient round this peer stopped waiting for because every other peer had left (_watch_departures)
+        self._abandoned_grads = None
+        self._left = threading.Event()
+        self._departures = threading.Thread(target=self._watch_departures, name="departures", daemon=True)
+        self._departures.start()
 
     def _count_nonfinite_step(self) -> None:
         self.skipped_nonfinite_steps += 1
@@ -241,10 +255,69 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         """Abandon averaging rounds still looking for a group, so a leaving peer is not held for the averaging
         timeout; a round already exchanging tensors is left to finish (cancelling it would fail it for the group)."""
         cancelled = False
-        for control in (self.scheduled_grads, self.scheduled_state):
-            if control is not None and not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP:
-                cancelled = control.cancel() or cancelled
+        for control in self._rounds_looking_for_group():
+            cancelled = control.cancel() or cancelled
         return cancelled
+
+    def leave_swarm(self) -> None:
+        """Stop taking part, first thing when leaving: no more matchmaking, and this peer's progress record replaced
+        by hivemind's "goodbye" (value None; ``ProgressTracker.shutdown`` stores it), so the others stop counting
+        its samples and stop waiting for it at once instead of when its record expires. ``shutdown`` still follows;
+        the caller holds the goodbye's store future until the DHT has sent it (``trainer._shutdown``)."""
+        self._left.set()
+        self.cancel_matchmaking()
+        self.tracker.shutdown(self.shutdown_timeout)
+
+    def shutdown(self):
+        if hasattr(self, "_left"):  # hivemind's __del__ may call this on a half-built optimizer
+            self._left.set()
+        # hivemind cancels (or tags along in) the scheduled rounds by their stage, which the averager process updates
+        # a moment after a cancellation: a round cancelled just before (cancel_matchmaking) was cancelled a second
+        # time, and that raised InvalidStateError. A finished round needs nothing.
+        for name in ("scheduled_grads", "scheduled_state"):
+            control = getattr(self, name, None)
+            if control is not None and control.done():
+                setattr(self, name, None)
+        super().shutdown()
+
+    def _rounds_looking_for_group(self) -> list:
+        return [
+            control
+            for control in (self.scheduled_grads, self.scheduled_state)
+            if control is not None and not control.done() and control.stage == AveragingStage.LOOKING_FOR_GROUP
+        ]
+
+    def _watch_departures(self) -> None:
+        """While this peer waits for a group (a round it committed to, still looking for groupmates), check the
+        swarm's progress records; once every other peer has left (``guards.others_left``), stop waiting and step
+        alone. Without this, the last peer of a swarm whose groupmate left waited out the whole averaging timeout
+        (default 30 s), then logged hivemind's "could not find a group" traceback."""
+        gone = 0
+        while not self._left.wait(DEPARTURE_CHECK_PERIOD):
+            try:
+                waiting = [control for control in self._rounds_looking_for_group() if control.triggered]
+                gone = gone + 1 if waiting and self._others_left() else 0
+                if gone < DEPARTURE_CHECKS or self._left.is_set():
+                    continue
+                gone = 0
+                cancelled = False
+                for control in waiting:
+                    if control is self.scheduled_grads:
+                        self._abandoned_grads = control  # before cancelling: the trainer's wait ends at once
+                    if control.cancel():
+                        cancelled = True
+                    elif self._abandoned_grads is control:
+                        self._abandoned_grads = None
+                if cancelled:
+                    logger.warning("the other peers have left the swarm; stepping alone instead of waiting for a group")
+            except Exception as e:  # the DHT may be shutting down; the round's own timeout still bounds the wait
+                logger.debug("checking for departed peers failed: %r", e)
+
+    def _others_left(self) -> bool:
+        found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True)
+        found = found.result(timeout=max(1.0, self.matchmaking_time))
+        records = found.value if found is not None else None
+        return guards.others_left(records, self.dht.peer_id.to_bytes(), get_dht_time())
 
     def load_state_from_peers(self, **kwargs):
         started, epoch_before = time.perf_counter(), self.local_epoch
@@ -264,6 +337,9 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
 
     def gradient_round_finished(self, control, seconds: float) -> None:
         if control is None:
+            self._on_round("solo", 1, seconds)
+        elif control is self._abandoned_grads:  # the others left while it waited for them (_watch_departures)
+            self._abandoned_grads = None
             self._on_round("solo", 1, seconds)
         elif control.cancelled():  # this peer is leaving (see cancel_matchmaking)
             self._on_round("failed", 1, seconds)
