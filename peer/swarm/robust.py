@@ -388,32 +388,23 @@ class RobustTensorPartReducer(TensorPartReducer):
 
 
 class RobustAllReduceRunner(AllReduceRunner):
-    """hivemind's ``AllReduceRunner`` whose reducer is a ``RobustTensorPartReducer``; the other arguments are
-    hivemind's. Every sender and reducer logic is hivemind's; only how this peer reduces its own part differs."""
+    """hivemind's ``AllReduceRunner`` whose reducer is a ``RobustTensorPartReducer``: the keyword arguments named in
+    ``REDUCER_OPTIONS`` go to that reducer (see it for their meaning and defaults), the others are hivemind's. Every
+    sender and reducer logic is hivemind's; only how this peer reduces its own part differs."""
 
-    def __init__(
-        self,
-        *,
-        aggregation: str = DEFAULT_AGGREGATION,
-        weight_cap: float = math.inf,
-        max_weight_ratio: float | None = OUTLIER_FACTOR,
-        on_reject: OnReject | None = None,
-        **kwargs,
-    ):
-        _check_aggregation_options(aggregation, weight_cap, max_weight_ratio)
+    def __init__(self, **kwargs):
+        options = {name: kwargs.pop(name) for name in REDUCER_OPTIONS if name in kwargs}
         super().__init__(**kwargs)
         # hivemind built its reducer (the module global TensorPartReducer: hivemind_compat.install() makes it the
         # finite-only one) before any part can arrive; mark it finished first: finalizing an unused reducer (its
         # __del__) would log "received 0.0% of input tensors"
         self.tensor_part_reducer.finished.set()
         self.tensor_part_reducer = RobustTensorPartReducer(
-            tuple(part.shape for part in self.parts_for_local_averaging),
-            len(self.sender_peer_ids),
-            aggregation=aggregation,
-            weight_cap=weight_cap,
-            max_weight_ratio=max_weight_ratio,
-            on_reject=on_reject,
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids), **options
         )
+
+
+REDUCER_OPTIONS = ("aggregation", "weight_cap", "max_weight_ratio", "on_reject")  # RobustTensorPartReducer's
 
 
 class RobustAveragingMixin:
