@@ -68,9 +68,9 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:
-            # a hivemind helper process (it inherits this handler): a stop of the whole process group (systemd, docker
-            # stop, Ctrl-C in a terminal) reaches it too, but the peer shuts its helpers down itself, in order (a
-            # helper that died first made hivemind log ERROR lines); if the peer is gone, the lifeline ends it
+            # hivemind's forked helper processes inherit this handler: let them die the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
         if self.event.is_set():
             raise KeyboardInterrupt

@@ -154,9 +154,6 @@ def _spawn_p2pd_with_lifeline() -> None:
 
 def _p2pd_preexec(parent_pid: int):
     def preexec() -> None:  # in the forked child, before exec: no imports, no locks
-        # a process group of its own: a stop of the peer's whole group (systemd, docker stop, Ctrl-C in a terminal)
-        # must not kill p2pd under the helpers while the peer is still leaving; it dies with its parent instead
-        os.setpgid(0, 0)
         _set_parent_death_signal(signal.SIGKILL)  # kept across exec
         if os.getppid() != parent_pid:
             os.kill(os.getpid(), signal.SIGKILL)
