@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         from peer import doctor
 
         return doctor.main(argv[1:])
+    if argv[:1] == ["id"]:  # `bertswarm-peer id [--state-dir DIR]`: the peer id to send a restricted run's creator
+        return run_command("bertswarm-peer id", lambda: print_peer_id(argv[1:]))
 
     def body() -> None:
         cfg, explicit = parse_config(argv)
@@ -168,6 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         trainer.run(cfg, explicit)
 
     return run_command("bertswarm-peer", body)
+
+
+def print_peer_id(argv: list[str]) -> None:
+    """This peer's id (from ``--identity`` or ``<state-dir>/identity.key``, made now if there is none yet): what a
+    volunteer sends the creator of a restricted run (``--allow``)."""
+    cfg, _ = parse_config(argv)
+    from peer.swarm import identity
+
+    key, _ = identity.ensure_identity(cfg.identity_path)
+    print(identity.peer_id_of_public_key(key.get_public_key()).to_base58(), flush=True)
 
 
 if __name__ == "__main__":

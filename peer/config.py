@@ -156,6 +156,13 @@ class PeerConfig:
         default=DEFAULT_AGGREGATION,
         group="run",
     )
+    allow: str | None = setting(
+        "restrict a new run to the peer ids listed in FILE, one per line (yours is added); only the run's creator "
+        "passes it, and may edit FILE while the run goes on (default: open to anyone; docs/security.md)",
+        default=None,
+        metavar="FILE",
+        group="run",
+    )
 
     # --- this peer ------------------------------------------------------------------------------------------------
     init_from: str | None = setting(

@@ -682,7 +682,31 @@ def _manifest_check(dht, cfg: PeerConfig, explicit: set[str], inputs: Inputs | N
                               inputs.data_fingerprint)  # fmt: skip
     except UserError as e:
         return from_error("manifest", e), run
-    return ok("manifest", f"run {run_id!r} ({_describe(run)}): your flags, tokenizer and data agree"), run
+    detail = f"run {run_id!r} ({_describe(run)}): your flags, tokenizer and data agree"
+    if run.restricted:
+        return _allowlist_check(dht, cfg, found, detail), run
+    return ok("manifest", detail), run
+
+
+def _allowlist_check(dht, cfg: PeerConfig, found, detail: str) -> Check:
+    """A closed run (``--allow``): whether this peer's own id (its identity file, not the doctor's throw-away one) is
+    on the creator's signed allowlist."""
+    from peer.swarm import identity, membership
+
+    fix = "send your peer id (bertswarm-peer id) to the run's creator, who adds it to their --allow file"
+    if not cfg.identity_path.exists():
+        return fail("manifest", f"{detail}; the run is closed, and this peer has no id yet", fix)
+    key = identity.load_identity_key(cfg.identity_path)
+    me = identity.peer_id_of_public_key(key.get_public_key())
+    if found.signed.creator == identity.public_key_text(key):
+        return ok("manifest", f"{detail}; you created this closed run")
+    listed = membership.wait_for_members(dht, found.run_id, found.signed.creator, MANIFEST_TIMEOUT)
+    if listed is None:
+        return fail("manifest", f"{detail}; the run is closed and its allowlist was not found", "check the --join "
+                    "address (the peer must be a member of the run)")  # fmt: skip
+    if not listed[0].allows(me):
+        return fail("manifest", f"{detail}; the run is closed and your peer id {me} is not on its allowlist", fix)
+    return ok("manifest", f"{detail}; your peer id is on the run's allowlist")
 
 
 # --- the whole --------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from peer.errors import UserError
 logger = logging.getLogger(__name__)
 
 # as peer.testing.faults reads them: the switches are on at "1", the paths whenever set
-TEST_SWITCHES = ("BERTSWARM_TEST_NONFINITE_GRADS", "BERTSWARM_TEST_LIE")
+TEST_SWITCHES = ("BERTSWARM_TEST_NONFINITE_GRADS", "BERTSWARM_TEST_LIE", "BERTSWARM_TEST_IGNORE_ALLOWLIST")
 TEST_PATHS = ("BERTSWARM_TEST_PAUSE_FILE", "BERTSWARM_TEST_WATCH_DIR")
 TEST_VARIABLES = TEST_PATHS + TEST_SWITCHES
 
@@ -34,6 +34,10 @@ class NoHooks:
 
     @staticmethod
     def paused() -> bool:
+        return False
+
+    @staticmethod
+    def ignore_allowlist() -> bool:
         return False
 
 

@@ -17,9 +17,10 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from peer.config import PeerConfig
 from peer.errors import UserError
 from peer.run.manifest import DEFAULT_RUN_ID, RunManifest, from_config
-from peer.run.schema import SignedManifest
+from peer.run.schema import SignedManifest, SignedMembers
 from peer.store.atomic import atomic_write_text
-from peer.swarm import identity, records
+from peer.swarm import identity, membership, records
+from peer.swarm.membership import Members
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ FLAG_OF_FIELD = {
     "outer_overlap": "outer_overlap",
     "aggregation": "aggregation",
     "data_fingerprint": "data",  # also checked without the flag: see data_conflict
+    "restricted": "allow",
 }
 
 
@@ -68,6 +70,7 @@ class JoinedRun:
     run_id: str
     manifest: RunManifest
     signed: SignedManifest
+    members: tuple[Members, SignedMembers] | None = None  # a restricted run's allowlist, as its creator signed it
 
 
 def resolve(
@@ -79,12 +82,17 @@ def resolve(
     data_fingerprint: str | None = None,
     *,
     publish: bool = True,
+    allow: frozenset[str] | None = None,
+    ignore_allowlist: bool = False,
 ) -> JoinedRun:
     """Adopt the swarm's manifest when joining (checking the creator's signature, explicit flags, the tokenizer and
     the prepared dataset), or build, sign and publish a new one. ``data_fingerprint``: this peer's prepared dataset's,
     None when it trains on text. With ``publish`` (a peer, not the doctor), the run's validators go into the DHT, the
     signed manifest is published under this peer's own subkey and the creator's key is pinned in the state dir.
-    This process must sign with the peer's identity key (``identity.use_for_this_process``) before."""
+    ``allow``: the peer ids of ``--allow FILE`` (its creator's only). A restricted run's signed allowlist is read (or,
+    by its creator, made) and a peer it does not name is refused in one line (``ignore_allowlist``: the fault suite's
+    outsider, which goes on regardless). This process must sign with the peer's identity key
+    (``identity.use_for_this_process``) before."""
     if not cfg.join:
         manifest = from_config(cfg, cfg.run_id or DEFAULT_RUN_ID, tokenizer_fingerprint, vocab_size, data_fingerprint)
         joined = JoinedRun(manifest.run_id, manifest, records.sign_manifest(manifest, RSAPrivateKey.process_wide()))
@@ -93,11 +101,44 @@ def resolve(
                              pinned=read_pins(cfg.state_path))  # fmt: skip
         joined = JoinedRun(found.run_id, found.manifest, found.signed)
         check_compatible(joined.manifest, cfg, explicit, tokenizer_fingerprint, vocab_size, data_fingerprint)
+    if allow is not None and joined.signed.creator != identity.public_key_text(RSAPrivateKey.process_wide()):
+        raise UserError(f"--allow: only the creator of run {joined.run_id} sets its allowlist; drop --allow (to take "
+                        "part in a restricted run, send your peer id to its creator)")  # fmt: skip
+    if joined.manifest.restricted:
+        joined = JoinedRun(joined.run_id, joined.manifest, joined.signed,
+                           _members(dht, joined, allow, cfg.startup_timeout, ignore_allowlist))  # fmt: skip
     if publish:
         subkey = records.install_run_validators(dht, joined.run_id)
         records.publish_manifest(dht, joined.signed, subkey)
+        if joined.members is not None:
+            records.publish_members(dht, joined.members[1], joined.run_id, subkey)
         _pin(cfg.state_path, joined.run_id, joined.signed.creator)
     return joined
+
+
+def _members(
+    dht: hivemind.DHT, run: JoinedRun, allow: frozenset[str] | None, timeout: float, ignore: bool
+) -> tuple[Members, SignedMembers]:
+    """A restricted run's allowlist: the creator's ``--allow`` list (and itself), else the newest version its
+    creator signed, found in the DHT; this peer must be on it."""
+    key = RSAPrivateKey.process_wide()
+    me = identity.peer_id_of_public_key(key.get_public_key())
+    creator = run.signed.creator
+    is_creator = creator == identity.public_key_text(key)
+    found = membership.wait_for_members(dht, run.run_id, creator, 0.0 if allow is not None else timeout)
+    if allow is not None or (found is None and is_creator):
+        if allow is None:
+            logger.warning("run %s is restricted, and no allowlist of it is left in the swarm: only this peer may take "
+                           "part until you restart it with --allow FILE", run.run_id)  # fmt: skip
+        members = Members(run.run_id, membership.new_version(found[0] if found else None),
+                          frozenset(allow or ()) | {me.to_base58()})  # fmt: skip
+        return members, membership.sign_members(members, key)
+    if found is None:
+        raise UserError(f"run {run.run_id} is restricted to its creator's allowlist, and no copy of the list was found "
+                        "within the startup timeout; check the --join address, or raise --startup-timeout")  # fmt: skip
+    if not found[0].allows(me) and not ignore:
+        raise membership.not_on_list(run.run_id, me)
+    return found
 
 
 def check_compatible(

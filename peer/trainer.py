@@ -39,7 +39,7 @@ from peer.store.errors import CheckpointError, StateError
 from peer.store.load import load_checkpoint, verify_run
 from peer.store.state import SavedState, StateDir
 from peer.swarm import dht as swarm
-from peer.swarm import guards, hivemind_compat, records
+from peer.swarm import guards, hivemind_compat, identity, membership, records
 from peer.swarm.diloco import RoundReport
 from peer.swarm.diloco_optim import DiLoCoOptimizer
 from peer.swarm.optim import SwarmOptimizer, is_finite_gradient, make_optimizer
@@ -105,6 +105,7 @@ class Prepared:
     dataset: PreparedDataset | None = None
     pinned: bool = False
     cfg: PeerConfig | None = None  # the settings, with --seq-len/--nsp taken from the prepared dataset unless given
+    allow: frozenset[str] | None = None  # the peer ids of --allow FILE
 
 
 def prepare(cfg: PeerConfig, explicit: set[str] = frozenset()) -> Prepared:
@@ -120,6 +121,7 @@ def prepare(cfg: PeerConfig, explicit: set[str] = frozenset()) -> Prepared:
             dataset.check(tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), seq_len=cfg.seq_len, nsp=cfg.nsp)
         except InputError as e:
             raise e.with_flag("--data") from None
+    allow = membership.read_allow_file(cfg.allow) if cfg.allow is not None else None
     # a setting outside the manifest's bounds is answered now, not after p2pd has started
     from_config(cfg, cfg.run_id or DEFAULT_RUN_ID, tokenizer_fingerprint(tokenizer), tokenizer.get_vocab_size())
     pinned = dataset is not None
@@ -132,7 +134,7 @@ def prepare(cfg: PeerConfig, explicit: set[str] = frozenset()) -> Prepared:
         init = load_checkpoint(cfg.init_from, expected_fingerprint=None) if cfg.init_from else None
     except CheckpointError as e:
         raise e.with_flag("--init-from") from None
-    return Prepared(state_dir, tokenizer, telemetry, port, init, dataset, pinned, cfg)
+    return Prepared(state_dir, tokenizer, telemetry, port, init, dataset, pinned, cfg, allow)
 
 
 def load_tokenizer_flag(tokenizer_path: str | None):
@@ -194,11 +196,15 @@ class Trainer:
         run: RunManifest,
         batches: Iterator[dict[str, torch.Tensor]] | None = None,
         signed_manifest: SignedManifest | None = None,
+        members: membership.MembersKeeper | None = None,
+        test_hooks=None,
     ):
         """``batches``: the micro-batches to train on; default: this peer's shuffle of the prepared documents (the
         equivalence test passes fixed batches, to check this very class against a single-process reference);
-        ``signed_manifest``: the run's creator-signed manifest this peer republishes (None: it publishes none)."""
+        ``signed_manifest``: the run's creator-signed manifest this peer republishes (None: it publishes none);
+        ``members``: a restricted run's allowlist keeper; ``test_hooks``: ``hooks.load()``'s, if already loaded."""
         self.cfg, self.dht, self.run, self.signed_manifest = cfg, dht, run, signed_manifest
+        self.members = members
         self.state_dir, self.telemetry = prepared.state_dir, prepared.telemetry
         self.device = _pick_device(cfg.device)
         if cfg.threads:
@@ -209,7 +215,8 @@ class Trainer:
         self.samples_total = 0
         self.mini_steps = 0
         self.rounds: collections.Counter[str] = collections.Counter()
-        self.hooks = hooks.load()  # test hooks (peer.testing) when a BERTSWARM_TEST_* variable is set, else no-ops
+        # test hooks (peer.testing) when a BERTSWARM_TEST_* variable is set, else no-ops
+        self.hooks = test_hooks if test_hooks is not None else hooks.load()
 
         self.model = build_model(run.model, nsp=run.nsp, seed=run.init_seed)
         saved = self.state_dir.load(run.fingerprint)
@@ -251,8 +258,8 @@ class Trainer:
         if not prepared.pinned and (dataset.index.seq_len, dataset.index.nsp) != (run.seq_len, run.nsp):
             dataset = prepare_text_flag(self.cfg.data, prepared.tokenizer, seq_len=run.seq_len, nsp=run.nsp)
 
-        def peers() -> list[bytes]:  # the signed-record keys of live peers: what the shard assignment hashes
-            return list(records.read_swarm_metrics(self.dht, run.run_id))
+        def peers() -> list[bytes]:  # the signed-record keys of live peers (members): what the shard assignment hashes
+            return [key for key in records.read_swarm_metrics(self.dht, run.run_id) if membership.allows_owner(key)]
 
         return ShardStream(dataset, TokenizerInfo.of(prepared.tokenizer), batch_size=self.batch_size,
                            mlm_probability=run.mlm_probability, seed=self.seed, me=me, peers=peers,
@@ -378,6 +385,8 @@ class Trainer:
         if now - self._last_publish > REPUBLISH_EVERY and self.signed_manifest is not None:
             self._last_publish = now
             records.publish_manifest(self.dht, self.signed_manifest, self.subkey)
+        if self.members is not None:
+            self.members.tick(REPUBLISH_EVERY)  # a UserError once the run's creator took this peer off its allowlist
 
     def checkpoint(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -456,21 +465,42 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
     try:
         tokenizer_fp = tokenizer_fingerprint(prepared.tokenizer)
         data_fp = prepared.dataset.fingerprint if prepared.pinned else None
-        joined = join.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size(), data_fp)
+        test_hooks = hooks.load()  # the fault suite's faults and probes; no-ops for volunteers
+        joined = join.resolve(dht, cfg, explicit, tokenizer_fp, prepared.tokenizer.get_vocab_size(), data_fp,
+                              allow=prepared.allow, ignore_allowlist=test_hooks.ignore_allowlist())  # fmt: skip
         run_manifest = joined.manifest
         logger.info("run %s, manifest %s", run_manifest.run_id, run_manifest.fingerprint[:12])
         addresses = swarm.join_addresses(dht)
         if cfg.address_file:  # before the join line, so whoever saw the line finds the file
             swarm.write_address_file(cfg.address_file, addresses[0])
         print(f"bertswarm-peer --join {addresses[0]}", file=out, flush=True)
-        trainer = Trainer(cfg, prepared, dht, run_manifest, signed_manifest=joined.signed)
-        trainer.hooks.install(trainer)  # the fault suite's faults and probes; a no-op for volunteers
+        members = _keep_members(dht, cfg, joined, test_hooks.ignore_allowlist())
+        trainer = Trainer(cfg, prepared, dht, run_manifest, signed_manifest=joined.signed, members=members,
+                          test_hooks=test_hooks)  # fmt: skip
+        trainer.hooks.install(trainer)
         stop.install()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start; undo that
         stop.on_stop.append(trainer.opt.cancel_matchmaking)
         trainer.sync_with_swarm(timeout=cfg.startup_timeout)
         trainer.train(stop)
     finally:
         _shutdown(trainer, dht, prepared)
+
+
+def _keep_members(dht: hivemind.DHT, cfg: PeerConfig, joined: join.JoinedRun, ignore: bool):
+    """A restricted run's allowlist, enforced in this process and the averager processes it forks from now on, and
+    kept current while the peer runs (None for an open run). ``ignore``: the fault suite's outsider enforces nothing."""
+    if joined.members is None:
+        return None
+    members, signed = joined.members
+    allowlist = membership.Allowlist(cfg.state_path / membership.ALLOWLIST_FILE, members, dht.peer_id)
+    if not ignore:
+        membership.restrict(allowlist, on_refusal=guards.count_rejection)
+    key = hivemind.utils.crypto.RSAPrivateKey.process_wide()
+    creator = joined.signed.creator == identity.public_key_text(key)
+    _, subkey = records.run_validators(joined.run_id)
+    return membership.MembersKeeper(dht, joined.run_id, joined.signed.creator, allowlist, signed, subkey,
+                                    allow_file=cfg.allow if creator else None, key=key if creator else None,
+                                    enforce_self=not ignore)  # fmt: skip
 
 
 def _shutdown(trainer: Trainer | None, dht: hivemind.DHT, prepared: Prepared) -> None:

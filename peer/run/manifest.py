@@ -92,6 +92,9 @@ class RunManifest(_Strict):
     # fingerprint of the prepared dataset (``bertswarm-prepare``) every peer must train on; None: each peer trains on
     # its own text. Left out of the canonical JSON when None, so runs without one keep their fingerprints.
     data_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    # only the peers on the creator's signed allowlist (``peer.swarm.membership``) may take part; the list itself is a
+    # companion record the creator can update. Left out of the canonical JSON when False, like data_fingerprint.
+    restricted: bool = False
     version: Literal[MANIFEST_VERSION] = MANIFEST_VERSION  # type: ignore[valid-type]
 
     @pydantic.model_validator(mode="after")
@@ -102,10 +105,13 @@ class RunManifest(_Strict):
 
     @pydantic.model_serializer(mode="wrap")
     def _without_absent_data(self, handler) -> dict:
-        """Every dump (the canonical JSON, checkpoint metadata) leaves out an absent ``data_fingerprint``."""
+        """Every dump (the canonical JSON, checkpoint metadata) leaves out an absent ``data_fingerprint`` and an open
+        run's ``restricted``: the fingerprints of runs that predate these fields stay what they were."""
         data = handler(self)
         if data.get("data_fingerprint", "") is None:
             del data["data_fingerprint"]
+        if data.get("restricted", True) is False:
+            del data["restricted"]
         return data
 
     def to_dict(self) -> dict:
@@ -177,6 +183,7 @@ class RunSettings(Protocol):
     outer_compression: str
     outer_overlap: bool
     aggregation: str
+    allow: str | None
 
 
 def from_config(
@@ -231,4 +238,5 @@ def _from_config(
         outer_overlap=cfg.outer_overlap,
         aggregation=cfg.aggregation,
         data_fingerprint=data_fingerprint,
+        restricted=cfg.allow is not None,
     )

@@ -34,8 +34,11 @@ OUTLIER_FACTOR = 4.0
 # - shape: not exactly the part's shape (hivemind would broadcast a 1-element part over the whole part);
 # - dtype: not a floating-point tensor;
 # - weight: a claimed weight that is NaN, infinite or negative;
-# - non_finite: NaN or Inf in the part.
-REJECT_REASONS = ("shape", "dtype", "weight", "non_finite")
+# - non_finite: NaN or Inf in the part;
+# - not_member: a request (to join a group, an all-reduce part, a state download) from a peer outside a restricted
+#   run's allowlist (peer.swarm.membership).
+REJECT_REASONS = ("shape", "dtype", "weight", "non_finite", "not_member")
+MAX_MEMBERS_BYTES = 65_536  # a restricted run's signed allowlist (about 1000 peer ids)
 
 
 def manifest_key(run_id: str) -> str:
@@ -44,6 +47,10 @@ def manifest_key(run_id: str) -> str:
 
 def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
+
+
+def members_key(run_id: str) -> str:
+    return f"{run_id}_members"
 
 
 def diloco_key(run_id: str) -> str:
@@ -72,6 +79,15 @@ class SignedManifest(pydantic.BaseModel):
     behind the creator's peer id."""
 
     manifest: pydantic.constr(strict=True, max_length=MAX_MANIFEST_BYTES)
+    creator: pydantic.constr(strict=True, max_length=1024)
+    signature: pydantic.constr(strict=True, max_length=1024)
+
+
+class SignedMembers(pydantic.BaseModel):
+    """A restricted run's allowlist (``peer.swarm.membership.Members`` as canonical JSON) with the signature of the
+    run's creator, the same key that signs the manifest."""
+
+    members: pydantic.constr(strict=True, max_length=MAX_MEMBERS_BYTES)
     creator: pydantic.constr(strict=True, max_length=1024)
     signature: pydantic.constr(strict=True, max_length=1024)
 

@@ -80,11 +80,12 @@ from hivemind.compression import (
     TensorRole,
     Uniform8BitQuantization,
 )
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from peer.run import schema
 from peer.run.manifest import DEFAULT_AGGREGATION, OUTER_COMPRESSIONS
-from peer.swarm import guards, hivemind_compat
+from peer.swarm import guards, hivemind_compat, membership
 
 logger = logging.getLogger(__name__)
 
@@ -740,6 +741,8 @@ class DiLoCo:
             if subkey == self._subkey:
                 own = True
                 continue
+            if not _member_key(subkey):
+                continue  # a restricted run counts its members only
             try:
                 progress = schema.DiLoCoProgress.parse_obj(getattr(entry, "value", None))
             except (pydantic.ValidationError, TypeError):
@@ -777,3 +780,12 @@ def trained_parameters(model: torch.nn.Module) -> tuple[tuple[str, ...], tuple[t
 
 def _epoch_bits(epoch: int) -> str:
     return format(epoch % 2**EPOCH_BITS, f"0{EPOCH_BITS}b")
+
+
+def _member_key(subkey: object) -> bool:
+    """Whether a ``{run}_diloco`` record's subkey (the writer's peer id) names a member of the run (any peer, in an
+    open run)."""
+    try:
+        return membership.allows(PeerID(subkey))
+    except (TypeError, ValueError):
+        return False

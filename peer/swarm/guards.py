@@ -24,7 +24,7 @@ from hivemind.averaging import partition
 from hivemind.utils import get_dht_time
 
 from peer.run.schema import MAX_EPOCH, MAX_SAMPLES_PER_SECOND, OUTLIER_FACTOR, REJECT_REASONS
-from peer.swarm import hivemind_compat
+from peer.swarm import hivemind_compat, membership
 from peer.swarm.robust import RejectionCounts
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ class BoundedProgressTracker(hivemind_compat.FilteredProgressTracker):
 
     def filter_records(self, records: dict[bytes, dict]) -> dict[bytes, dict]:
         now = get_dht_time()
+        records = {key: value for key, value in records.items() if membership.allows_owner(key)}  # restricted runs
         kept, dropped = sanitize_progress(
             records,
             self.local_progress.dict(),

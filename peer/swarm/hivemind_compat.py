@@ -14,7 +14,8 @@ adapt, rerun the unit and integration tests, then add the version.
 - ``PseudoGradientAverager`` / ``OuterStateAverager``: the averagers of ``--mode diloco`` (``peer.swarm.diloco``), with
   hivemind's per-class RPC handler cache reset, a consistent state snapshot for joiners, and
   ``expect_group_size`` (a group forms as soon as the peers known to be at the boundary have joined, instead of after
-  the whole matchmaking window); ``apply_offloaded_parameters`` copies the outer parameters into the model.
+  the whole matchmaking window); ``apply_offloaded_parameters`` copies the outer parameters into the model. Every
+  averager also takes ``peer.swarm.robust``'s aggregation and ``peer.swarm.membership``'s allowlist checks.
 - ``shutdown_dht``, ``keep_request_futures``: DHT shutdown without the tracebacks hivemind prints on every exit.
 - ``sync_lr_schedule``: the LR scheduler to the averager's epoch now (hivemind does it lazily).
 - ``configure_logging``: hivemind's log level, and silence for its benign shutdown races and LR-scheduler warning
@@ -259,9 +260,10 @@ class _ExpectGroupSize:
 def _build_pseudo_gradient_averager():
     from hivemind.averaging import DecentralizedAverager
 
+    from peer.swarm.membership import MembersOnlyMixin
     from peer.swarm.robust import RobustAveragingMixin
 
-    class PseudoGradientAverager(RobustAveragingMixin, _ExpectGroupSize, DecentralizedAverager):
+    class PseudoGradientAverager(MembersOnlyMixin, RobustAveragingMixin, _ExpectGroupSize, DecentralizedAverager):
         """DiLoCo: averages the outer parameters' ``.grad`` buffers (the pseudo-gradients) with a group of peers, with
         the run's aggregation rule (``RobustAveragingMixin``; it also gives the class its own RPC handler cache)."""
 
@@ -271,9 +273,10 @@ def _build_pseudo_gradient_averager():
 def _build_robust_gradient_averager():
     from hivemind.optim.grad_averager import GradientAverager
 
+    from peer.swarm.membership import MembersOnlyMixin
     from peer.swarm.robust import RobustAveragingMixin
 
-    class RobustGradientAverager(RobustAveragingMixin, GradientAverager):
+    class RobustGradientAverager(MembersOnlyMixin, RobustAveragingMixin, GradientAverager):
         """Sync mode: hivemind's ``GradientAverager`` with the run's aggregation rule."""
 
     return RobustGradientAverager
@@ -282,9 +285,10 @@ def _build_robust_gradient_averager():
 def _build_robust_state_averager():
     from hivemind.optim.state_averager import TrainingStateAverager
 
+    from peer.swarm.membership import MembersOnlyMixin
     from peer.swarm.robust import RobustAveragingMixin
 
-    class RobustStateAverager(RobustAveragingMixin, TrainingStateAverager):
+    class RobustStateAverager(MembersOnlyMixin, RobustAveragingMixin, TrainingStateAverager):
         """Sync mode: hivemind's ``TrainingStateAverager`` (parameters every few steps) with the run's rule."""
 
     return RobustStateAverager
@@ -295,9 +299,10 @@ def _build_outer_state_averager():
     from hivemind.compression import CompressionInfo, TensorRole
     from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 
+    from peer.swarm.membership import MembersOnlyMixin
     from peer.swarm.robust import RobustAveragingMixin
 
-    class OuterStateAverager(RobustAveragingMixin, _ExpectGroupSize, TrainingStateAverager):
+    class OuterStateAverager(MembersOnlyMixin, RobustAveragingMixin, _ExpectGroupSize, TrainingStateAverager):
         """DiLoCo: holds θ_outer, the outer momentum and the outer epoch; serves them to joiners as one consistent
         snapshot (``get_current_state`` overridden: hivemind's hands out live shared tensors, read later while this
         peer may be stepping, and reads the epoch outside the lock). Agreement rounds use the run's rule."""
@@ -410,6 +415,7 @@ def configure_logging() -> None:
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     logging.getLogger("hivemind.dht.dht").addFilter(drop_orphaned_request_errors)
     logging.getLogger("hivemind.averaging.averager").addFilter(shorten_group_not_found)
+    logging.getLogger("hivemind.averaging.averager").addFilter(shorten_download_failures)
     # hivemind advances the LR scheduler to the swarm's step after loading state, before any local optimizer step
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
@@ -426,6 +432,26 @@ def shorten_group_not_found(record: logging.LogRecord) -> bool:
     if type(exc).__name__ == "AllreduceException" and "could not find a group" in str(exc):
         record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
         record.msg, record.args, record.exc_info, record.exc_text = str(exc), (), None, None
+    return True
+
+
+def shorten_download_failures(record: logging.LogRecord) -> bool:
+    """hivemind's "Failed to download state from PEER" (it then tries the next peer) as one WARNING line without a
+    traceback: a peer that left recently is still listed for a while, and its address refuses the connection. Not at
+    all for a peer this one refuses to ask (``membership.NotAMember``, a closed run): that is by design."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if type(exc).__name__ == "NotAMember":
+        return False
+    if exc is not None and str(record.msg).startswith("Failed to download state from"):
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        peer = str(record.msg).split(" - ", 1)[0]
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            f"{peer} ({first_line}); trying the next",
+            (),
+            None,
+            None,
+        )
     return True
 
 

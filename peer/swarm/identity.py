@@ -49,7 +49,12 @@ def ensure_identity(path: Path) -> tuple[RSAPrivateKey, bool]:
     whether it was created now (a new key cannot be in use by another peer: hivemind need not check)."""
     created = not Path(path).exists()
     if created:
-        P2P.generate_identity(str(path))
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            P2P.generate_identity(str(path))
+        except OSError as e:
+            raise UserError(f"--identity {path}: cannot write this peer's key ({e}); pick a writable --state-dir or "
+                            "--identity") from None  # fmt: skip
     return load_identity_key(path), created
 
 

@@ -21,7 +21,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from peer.errors import UserError
 from peer.run import schema
 from peer.run.manifest import RunManifest
-from peer.run.schema import CheckpointRecord, DiLoCoProgress, PeerMetrics, SignedManifest
+from peer.run.schema import CheckpointRecord, DiLoCoProgress, PeerMetrics, SignedManifest, SignedMembers
 from peer.swarm import identity
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class RunRecords(pydantic.BaseModel):
     """Schema of the per-run keys; ``SchemaValidator(prefix=run_id)`` maps field ``x`` to key ``{run}_x``."""
 
     manifest: dict[BytesWithPublicKey, SignedManifest]
+    members: dict[BytesWithPublicKey, SignedMembers]
     metrics: dict[BytesWithPublicKey, PeerMetrics]
     checkpoints: dict[BytesWithPublicKey, CheckpointRecord]
     diloco: dict[pydantic.StrictBytes, DiLoCoProgress]
@@ -114,6 +115,26 @@ def fetch_manifests(dht: hivemind.DHT, run_id: str) -> list[ManifestRecord]:
         if manifest is not None and manifest.run_id != run_id:
             manifest = None  # another run's manifest replayed under this run's key
         copies.append(ManifestRecord(str(publisher) if publisher else None, signed.creator, manifest, signed))
+    return copies
+
+
+def publish_members(dht: hivemind.DHT, signed: SignedMembers, run_id: str, subkey: bytes) -> None:
+    """(Re-)publish a restricted run's creator-signed allowlist under this peer's own ``subkey`` (as the manifest)."""
+    expiration = get_dht_time() + MANIFEST_TTL
+    dht.store(schema.members_key(run_id), signed.dict(), expiration_time=expiration, subkey=subkey)
+
+
+def fetch_members(dht: hivemind.DHT, run_id: str) -> list[SignedMembers]:
+    """Every member's copy of a restricted run's signed allowlist, unverified (``membership.verify_members``)."""
+    found = dht.get(schema.members_key(run_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    copies = []
+    for item in found.value.values():
+        try:
+            copies.append(SignedMembers.parse_obj(item.value))
+        except (pydantic.ValidationError, AttributeError):
+            continue
     return copies
 
 

@@ -9,6 +9,9 @@ This package is not in the wheel; ``peer.hooks`` loads it only when one of the v
 - ``BERTSWARM_TEST_LIE=1``: the peer's ``{run}_progress`` records take turns claiming absurd samples and throughput
   within the schema's bounds, an epoch a million steps ahead, and values beyond the bounds; its signed metrics record
   claims absurd figures (step 10^9, 10^15 samples, loss 0).
+- ``BERTSWARM_TEST_IGNORE_ALLOWLIST=1``: an outsider of a restricted run: the peer goes on when the run's allowlist
+  does not name it (instead of stopping with exit 2), and enforces no allowlist itself, so it tries to average with,
+  lead and download from every peer.
 - ``BERTSWARM_TEST_WATCH_DIR=DIR``: a probe thread writes the stage of the peer's current gradient averaging round to
   ``DIR/stage`` (so a test can crash a peer while a round is under way) and appends a fingerprint of the parameters
   (two float64 projections) to ``DIR/fingerprints.jsonl`` after every step (to compare peers' weights while they run).
@@ -30,6 +33,11 @@ NONFINITE_GRADS = os.environ.get("BERTSWARM_TEST_NONFINITE_GRADS") == "1"
 LIE = os.environ.get("BERTSWARM_TEST_LIE") == "1"
 WATCH_DIR = os.environ.get("BERTSWARM_TEST_WATCH_DIR")
 PAUSE_FILE = os.environ.get("BERTSWARM_TEST_PAUSE_FILE")
+IGNORE_ALLOWLIST = os.environ.get("BERTSWARM_TEST_IGNORE_ALLOWLIST") == "1"
+
+
+def ignore_allowlist() -> bool:
+    return IGNORE_ALLOWLIST
 
 
 def paused() -> bool:

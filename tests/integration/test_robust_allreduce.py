@@ -227,7 +227,7 @@ def test_a_one_element_part_is_rejected_and_counted_across_the_averager_processe
     assert max(result["distances"]) <= EPS_SPREAD, result
     # each honest peer's reducer (in its own averager process) rejected the attacker once; the attacker's own reducer
     # got its local part unattacked
-    assert result["rejections"] == {"shape": PEERS - 1, "dtype": 0, "weight": 0, "non_finite": 0}
+    assert result["rejections"] == {"shape": PEERS - 1, "dtype": 0, "weight": 0, "non_finite": 0, "not_member": 0}
 
 
 if __name__ == "__main__":

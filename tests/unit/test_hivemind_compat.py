@@ -62,3 +62,23 @@ def test_orphaned_request_errors_are_dropped_and_other_errors_kept():
         assert not hivemind_compat.drop_orphaned_request_errors(record(orphaned))
     assert hivemind_compat.drop_orphaned_request_errors(record(ValueError()))
     assert hivemind_compat.drop_orphaned_request_errors(record(None))
+
+
+def test_a_failed_state_download_is_one_warning_and_a_refused_member_none():
+    from peer.swarm.membership import NotAMember
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        msg = f"Failed to download state from QmPeer - {exc!r}"
+        return logging.LogRecord("hivemind.averaging.averager", logging.ERROR, __file__, 1, msg, None,
+                                 (type(exc), exc, None))  # fmt: skip
+
+    refused = record(ConnectionError("Connect failed. msg=failed to dial\n * [/ip4/127.0.0.1/tcp/1] refused"))
+    assert hivemind_compat.shorten_download_failures(refused)
+    assert refused.levelno == logging.WARNING and refused.exc_info is None
+    assert (
+        refused.getMessage()
+        == "Failed to download state from QmPeer (Connect failed. msg=failed to dial); trying the next"
+    )
+    assert not hivemind_compat.shorten_download_failures(record(NotAMember("not on the allowlist")))
+    other = logging.LogRecord("hivemind.averaging.averager", logging.ERROR, __file__, 1, "something else", None, None)
+    assert hivemind_compat.shorten_download_failures(other) and other.levelno == logging.ERROR

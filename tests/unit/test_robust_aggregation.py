@@ -376,4 +376,4 @@ def test_rejection_counts_are_shared_with_forked_processes():
     child.start()
     child.join(10)
     assert child.exitcode == 0
-    assert counts.counts() == {"shape": 1, "dtype": 0, "weight": 0, "non_finite": 2}
+    assert counts.counts() == {"shape": 1, "dtype": 0, "weight": 0, "non_finite": 2, "not_member": 0}
