@@ -23,6 +23,10 @@ it covers every helper) sets up, in this process:
   p2pd (run by the DHT process's main thread, whose event loop lives as long as the process) gets a ``preexec_fn``
   that sets ``PR_SET_PDEATHSIG`` to SIGKILL (kept across ``exec``). SIGTERM would buy nothing: with the DHT process
   gone, p2pd's stdout pipe has no reader and p2pd dies on SIGTERM without removing its control socket (measured).
+- **a stop of the peer's process group is the peer's.** Helpers and p2pd run in process groups of their own, so
+  Ctrl-C in a terminal or a SIGTERM to the group reaches only the peer, which saves and shuts them down in order.
+  (A service manager that signals every process of a cgroup, systemd's default ``KillMode=control-group``, still
+  reaches them: use ``KillMode=mixed``; ``docker stop`` signals only the container's first process.)
 - **a killed helper stops this process.** Each hivemind helper announces itself on a pipe; a watcher thread here
   notices within 0.5 s when one is killed by a signal (SIGKILL from the OOM killer, a segfault), or when the DHT
   process reports that its p2pd was, logs one line that says which and how, and exits with ``HELPER_KILLED_EXIT``
@@ -114,8 +118,18 @@ def _in_child(_token) -> None:
         _pipe = (-1, _pipe[1])
     process = multiprocessing.current_process()
     if any(cls.__module__.startswith("hivemind.") for cls in type(process).__mro__):
+        _own_process_group()
         _announce(f"helper {os.getpid()} {parent_pid} {type(process).__name__}")
         _spawn_p2pd_with_lifeline()
+
+
+def _own_process_group() -> None:
+    """Leave the peer's process group: a stop of the whole group (Ctrl-C in a terminal, ``kill -TERM -PGID``,
+    ``timeout``) then reaches only the peer, which shuts its helpers down in order (saving its state first) instead
+    of finding them dead (hivemind logged "Averager shutdown has no effect" as an ERROR, and a round in flight never
+    ended). They still die with the peer (the parent-death signal above) and on hivemind's own ``terminate()``."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
 
 
 def _follow_parent(parent_pid: int) -> None:
@@ -154,6 +168,7 @@ def _spawn_p2pd_with_lifeline() -> None:
 
 def _p2pd_preexec(parent_pid: int):
     def preexec() -> None:  # in the forked child, before exec: no imports, no locks
+        os.setpgid(0, 0)  # as its DHT process (_own_process_group): a stop of the peer's group is the peer's to handle
         _set_parent_death_signal(signal.SIGKILL)  # kept across exec
         if os.getppid() != parent_pid:
             os.kill(os.getpid(), signal.SIGKILL)
