@@ -13,8 +13,9 @@ offloaded outer optimizer); it also serves them, uncompressed, to joiners and st
 
 How peers are matched into a round (the simplest robust scheme found; alternatives are in the design notes below):
 
-- **Progress records.** Every peer keeps a record ``{run_id}_diloco`` / subkey = its peer id with its outer epoch
-  and whether it is at the boundary ("ready"), refreshed by a heartbeat thread every ``heartbeat_period`` seconds
+- **Progress records.** Every peer keeps a record ``{run_id}_diloco`` under its own signed subkey (``[owner:<its
+  public key>]``: only it can write there, and the key names its peer id, as for the metrics records) with its outer
+  epoch and whether it is at the boundary ("ready"), refreshed by a heartbeat thread every ``heartbeat_period`` seconds
   (it expires after 3 periods, so a dead peer is forgotten within ~15 s by default). A peer that leaves cleanly
   (``leave``) overwrites its record with a *withdrawn* one (all zero, ``time`` 0.0), which the others ignore at
   once; a round still looking for its group is given up as soon as no other peer of that round is left on record.
@@ -80,12 +81,11 @@ from hivemind.compression import (
     TensorRole,
     Uniform8BitQuantization,
 )
-from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from peer.run import schema
 from peer.run.manifest import DEFAULT_AGGREGATION, OUTER_COMPRESSIONS
-from peer.swarm import guards, hivemind_compat, membership
+from peer.swarm import guards, hivemind_compat, membership, records
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class DiLoCo:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-exchange") if overlap else None
 
         self._record_key = schema.diloco_key(run_id)
-        self._subkey = dht.peer_id.to_bytes()
+        self._subkey = records.run_validators(run_id)[1]  # signed with the peer's identity key
         self._dht_lock = threading.Lock()
         # the round this peer takes part in next (or now, if ready): its outer epoch, or epoch + 1 once the
         # exchange of the current epoch is over (overlap: until the next boundary applies it)
@@ -741,7 +741,7 @@ class DiLoCo:
             if subkey == self._subkey:
                 own = True
                 continue
-            if not _member_key(subkey):
+            if not membership.allows_owner(subkey):
                 continue  # a restricted run counts its members only
             try:
                 progress = schema.DiLoCoProgress.parse_obj(getattr(entry, "value", None))
@@ -780,12 +780,3 @@ def trained_parameters(model: torch.nn.Module) -> tuple[tuple[str, ...], tuple[t
 
 def _epoch_bits(epoch: int) -> str:
     return format(epoch % 2**EPOCH_BITS, f"0{EPOCH_BITS}b")
-
-
-def _member_key(subkey: object) -> bool:
-    """Whether a ``{run}_diloco`` record's subkey (the writer's peer id) names a member of the run (any peer, in an
-    open run)."""
-    try:
-        return membership.allows(PeerID(subkey))
-    except (TypeError, ValueError):
-        return False

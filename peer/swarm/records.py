@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import hivemind
 import pydantic.v1 as pydantic
@@ -37,7 +39,7 @@ class RunRecords(pydantic.BaseModel):
     members: dict[BytesWithPublicKey, SignedMembers]
     metrics: dict[BytesWithPublicKey, PeerMetrics]
     checkpoints: dict[BytesWithPublicKey, CheckpointRecord]
-    diloco: dict[pydantic.StrictBytes, DiLoCoProgress]
+    diloco: dict[BytesWithPublicKey, DiLoCoProgress]
 
 
 class RunsRegistry(pydantic.BaseModel):
@@ -57,8 +59,22 @@ def run_validators(run_id: str, private_key: RSAPrivateKey | None = None) -> tup
 # --- the run manifest -----------------------------------------------------------------------------------------------
 
 
-def sign_manifest(manifest: RunManifest, key: RSAPrivateKey) -> SignedManifest:
-    """The run's creator signs its manifest with its identity key (``peer.swarm.identity``)."""
+class Manifest(Protocol):
+    """What is signed and published under ``{run}_manifest``: a pre-training ``RunManifest``, or a fine-tuning run's
+    ``peer.finetune.manifest.FinetuneManifest``. The reader says which it expects (``parse``); the other kind does not
+    parse, and its copies are ignored like damaged ones."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def to_json(self) -> str: ...
+
+
+def sign_manifest(manifest: Manifest, key: RSAPrivateKey) -> SignedManifest:
+    """The run's creator signs its manifest (its canonical JSON) with its identity key (``peer.swarm.identity``)."""
     text = manifest.to_json()
     signature = key.sign(text.encode()).decode()
     return SignedManifest(manifest=text, creator=identity.public_key_text(key), signature=signature)
@@ -72,10 +88,16 @@ def install_run_validators(dht: hivemind.DHT, run_id: str) -> bytes:
     return subkey
 
 
-def publish_manifest(dht: hivemind.DHT, signed: SignedManifest, subkey: bytes) -> None:
+def publish_manifest(
+    dht: hivemind.DHT,
+    signed: SignedManifest,
+    subkey: bytes,
+    parse: Callable[[str], Manifest] = RunManifest.from_json,
+) -> None:
     """(Re-)publish the creator-signed manifest under this peer's own ``subkey`` and register the run; every member
-    does this periodically (the run's validators must be installed: ``install_run_validators``)."""
-    manifest = RunManifest.from_json(signed.manifest)
+    does this periodically (the run's validators must be installed: ``install_run_validators``). ``parse``: the
+    manifest's kind (``FinetuneManifest.from_json`` for a fine-tuning run)."""
+    manifest = parse(signed.manifest)
     expiration = get_dht_time() + MANIFEST_TTL
     dht.store(schema.manifest_key(manifest.run_id), signed.dict(), expiration_time=expiration, subkey=subkey)
     dht.store(schema.RUNS_KEY, manifest.fingerprint, expiration_time=expiration, subkey=manifest.run_id)
@@ -88,13 +110,16 @@ class ManifestRecord:
 
     publisher: str | None
     creator: str | None
-    manifest: RunManifest | None
+    manifest: Manifest | None
     signed: SignedManifest | None = None
 
 
-def fetch_manifests(dht: hivemind.DHT, run_id: str) -> list[ManifestRecord]:
+def fetch_manifests(
+    dht: hivemind.DHT, run_id: str, parse: Callable[[str], Manifest] = RunManifest.from_json
+) -> list[ManifestRecord]:
     """Every member's copy of ``run_id``'s signed manifest (the validators already dropped records whose DHT
-    signature or schema was wrong; the creator's signature is checked here)."""
+    signature or schema was wrong; the creator's signature is checked here). ``parse``: the kind of manifest the
+    caller takes part in; a copy of the other kind reads as one without a manifest."""
     found = dht.get(schema.manifest_key(run_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
@@ -109,7 +134,7 @@ def fetch_manifests(dht: hivemind.DHT, run_id: str) -> list[ManifestRecord]:
         manifest = None
         if identity.verify(signed.creator, signed.manifest.encode(), signed.signature):
             try:
-                manifest = RunManifest.from_json(signed.manifest)
+                manifest = parse(signed.manifest)
             except UserError:
                 manifest = None
         if manifest is not None and manifest.run_id != run_id:
