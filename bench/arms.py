@@ -26,6 +26,7 @@ def _common(cfg: dict) -> list[str]:
         "outer_compression",
         "outer_lr",
         "outer_momentum",
+        "aggregation",
     ):
         if cfg.get(key) is not None:
             out += [f"--{key.replace('_', '-')}", str(cfg[key])]
@@ -36,8 +37,9 @@ def _common(cfg: dict) -> list[str]:
     return out
 
 
-def run_swarm(workdir: Path, cfg: dict, peers: int, timeout: float, hosts=None, prefixes=None) -> list[dict]:
-    """``peers`` swarm peers (1 thread each); ``hosts``/``prefixes`` place peer i at an address / in a netns."""
+def run_swarm(workdir: Path, cfg: dict, peers: int, timeout: float, hosts=None, prefixes=None, env=None) -> list[dict]:
+    """``peers`` swarm peers (1 thread each); ``hosts``/``prefixes`` place peer i at an address / in a netns;
+    ``env``: {peer index: extra environment variables} (e.g. a test fault for one peer)."""
     name = f"swarm{peers}-{uuid.uuid4().hex[:6]}"
     out = workdir / name
     hosts = hosts or ["127.0.0.1"] * peers
@@ -66,7 +68,7 @@ def run_swarm(workdir: Path, cfg: dict, peers: int, timeout: float, hosts=None, 
             ]
             if join:
                 args += ["--join", join]
-            workers.append(Worker(args, out / f"peer{i}.log", threads=1, prefix=prefixes[i]))
+            workers.append(Worker(args, out / f"peer{i}.log", threads=1, prefix=prefixes[i], env=(env or {}).get(i)))
             if join is None:
                 join = workers[0].wait_line("ADDRESS", timeout=60)
         for w in workers:

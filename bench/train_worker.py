@@ -63,6 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--outer-overlap", action="store_true")
     p.add_argument("--outer-lr", type=float, default=None)
     p.add_argument("--outer-momentum", type=float, default=None)
+    p.add_argument("--aggregation", default=None, help="the run's aggregation rule (default: the product's)")
     return p.parse_args(argv)
 
 
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     mode = dict(mode=args.train_mode, inner_steps=args.inner_steps, outer_compression=args.outer_compression,
                 outer_overlap=args.outer_overlap or None, outer_lr=args.outer_lr,
-                outer_momentum=args.outer_momentum)  # fmt: skip
+                outer_momentum=args.outer_momentum, aggregation=args.aggregation)  # fmt: skip
     run = workload.make_manifest(args.run_id, args.preset, args.seq_len, args.target, args.warmup, **mode)
     result = {"mode": args.mode, "name": args.name, "index": args.index, "peers": args.peers, "steps": []}
     if args.mode == "swarm":  # the trainer builds the model (``trainer_created`` phase)
@@ -137,6 +138,7 @@ def swarm(args, run, result, finish) -> None:
         batches = workload.stream(run, cfg.batch_size, workload.peer_seed(args.index))
         with _grad_compression(args.compression):
             trainer = _BenchTrainer(cfg, prepared, dht, run, batches=batches)
+        trainer.hooks.install(trainer)  # as the product's peer: test faults (BERTSWARM_TEST_*) only, else a no-op
         _phase(result, "trainer_created")
         _wait_for_peers(dht, args)
         _phase(result, "peers_ready")

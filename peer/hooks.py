@@ -15,9 +15,9 @@ from peer.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# as peer.testing.faults reads them: the switches are on at "1", the paths whenever set
+# as peer.testing.faults reads them: the switches are on at "1", the paths (and the attack's phases) whenever set
 TEST_SWITCHES = ("BERTSWARM_TEST_NONFINITE_GRADS", "BERTSWARM_TEST_LIE", "BERTSWARM_TEST_IGNORE_ALLOWLIST")
-TEST_PATHS = ("BERTSWARM_TEST_PAUSE_FILE", "BERTSWARM_TEST_WATCH_DIR")
+TEST_PATHS = ("BERTSWARM_TEST_PAUSE_FILE", "BERTSWARM_TEST_WATCH_DIR", "BERTSWARM_TEST_ATTACK")
 TEST_VARIABLES = TEST_PATHS + TEST_SWITCHES
 
 

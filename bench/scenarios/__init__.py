@@ -15,6 +15,7 @@ NAMES = [
     "serve",
     "finetune",
     "robust",
+    "attack",
 ]
 
 

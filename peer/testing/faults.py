@@ -12,6 +12,17 @@ This package is not in the wheel; ``peer.hooks`` loads it only when one of the v
 - ``BERTSWARM_TEST_IGNORE_ALLOWLIST=1``: an outsider of a restricted run: the peer goes on when the run's allowlist
   does not name it (instead of stopping with exit 2), and enforces no allowlist itself, so it tries to average with,
   lead and download from every peer.
+- ``BERTSWARM_TEST_ATTACK=PHASES``: a Byzantine sender. After the peer's own finite check (like
+  ``BERTSWARM_TEST_NONFINITE_GRADS``), each micro-batch's gradients are replaced, so the accumulated gradient the peer
+  *sends* to the all-reduce is corrupted: ``signflip`` sends −1000 × its gradient; ``random`` sends a random direction
+  with 10 × its gradient's norm (one direction per global step, the same for every micro-batch of that step, so the
+  sent mean keeps 10 × the micro-batches' mean norm: at least 10 × the honest mean's norm). ``PHASES`` is one attack,
+  or attacks with the global step each starts at: ``signflip,random@6`` (sign flip, then random from step 6; the
+  step is the trainer's ``opt.local_epoch``, read through ``install``, which the peer calls at start). Sync mode:
+  the peer steps with whatever its group returns, as every honest peer does, so its own weights stay the swarm's
+  unless its round fails (then it steps with its own corrupted gradient, clipped to ``max_grad_norm``, and its drift
+  enters the next parameter averaging). DiLoCo: the corrupted gradients drive the peer's inner AdamW steps, so it
+  sends a pseudo-gradient in the wrong (or a random) direction of about an honest size, not ×1000.
 - ``BERTSWARM_TEST_WATCH_DIR=DIR``: a probe thread writes the stage of the peer's current gradient averaging round to
   ``DIR/stage`` (so a test can crash a peer while a round is under way) and appends a fingerprint of the parameters
   (two float64 projections) to ``DIR/fingerprints.jsonl`` after every step (to compare peers' weights while they run).
@@ -34,6 +45,11 @@ LIE = os.environ.get("BERTSWARM_TEST_LIE") == "1"
 WATCH_DIR = os.environ.get("BERTSWARM_TEST_WATCH_DIR")
 PAUSE_FILE = os.environ.get("BERTSWARM_TEST_PAUSE_FILE")
 IGNORE_ALLOWLIST = os.environ.get("BERTSWARM_TEST_IGNORE_ALLOWLIST") == "1"
+ATTACK_VARIABLE = "BERTSWARM_TEST_ATTACK"
+SIGN_FLIP_SCALE = -1000.0  # BTARD's sign-flip attack (arXiv 2106.11257)
+RANDOM_NORM_FACTOR = 10.0
+RANDOM_SEED = 11257  # + the global step: one direction per step, the same in every run
+ATTACKS = ("signflip", "random")
 
 
 def ignore_allowlist() -> bool:
@@ -47,6 +63,7 @@ def paused() -> bool:
 
 
 def install(trainer) -> None:
+    _attack.trainer = trainer  # the attack's schedule and random directions follow the trainer's global step
     install_lies(trainer)
     if WATCH_DIR:
         threading.Thread(target=_watch, args=(trainer, WATCH_DIR), name="bertswarm-test-probe", daemon=True).start()
@@ -120,7 +137,66 @@ class _LyingDHT:
         return self._dht.store(*args, **kwargs)
 
 
+def parse_attack(value: str | None) -> list[tuple[int, str]]:
+    """``BERTSWARM_TEST_ATTACK``'s value as ``[(first global step, attack), ...]`` in step order; ``[]`` when unset.
+    ``"signflip"`` -> ``[(0, "signflip")]``; ``"signflip,random@6"`` -> ``[(0, "signflip"), (6, "random")]``."""
+    if not value:
+        return []
+    phases = []
+    for item in value.split(","):
+        name, _, start = item.strip().partition("@")
+        if name not in ATTACKS or (start and not start.isdigit()):
+            raise ValueError(f"{ATTACK_VARIABLE}={value!r}: expected ATTACK[@STEP],... with ATTACK in {ATTACKS}")
+        phases.append((int(start) if start else 0, name))
+    if [start for start, _ in phases] != sorted({start for start, _ in phases}):
+        raise ValueError(f"{ATTACK_VARIABLE}={value!r}: the phases' steps must increase")
+    return phases
+
+
+class _Attack:
+    """The Byzantine sender of ``BERTSWARM_TEST_ATTACK`` (see the module docstring)."""
+
+    def __init__(self, phases: list[tuple[int, str]]):
+        self.phases, self.trainer = phases, None
+
+    def current(self, epoch: int) -> str | None:
+        started = [name for start, name in self.phases if start <= epoch]
+        return started[-1] if started else None
+
+    def epoch(self) -> int:
+        if self.trainer is None:
+            if any(start > 0 for start, _ in self.phases):
+                raise RuntimeError(f"{ATTACK_VARIABLE} with steps needs the trainer: call hooks.install(trainer)")
+            return 0
+        return int(self.trainer.opt.local_epoch)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> None:
+        epoch = self.epoch()
+        attack = self.current(epoch)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if attack is None or not grads:
+            return
+        if attack == "signflip":
+            for g in grads:
+                g.mul_(SIGN_FLIP_SCALE)
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        generator = torch.Generator().manual_seed(RANDOM_SEED + epoch)  # fresh each global step
+        noise = [torch.randn(g.shape, generator=generator, dtype=g.dtype) for g in grads]
+        noise_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(n) for n in noise]))
+        scale = RANDOM_NORM_FACTOR * norm / noise_norm
+        for g, n in zip(grads, noise, strict=True):
+            g.copy_(n.mul_(scale))
+
+
+_attack = _Attack(parse_attack(os.environ.get(ATTACK_VARIABLE)))
+
+
 def corrupt_gradients(model: torch.nn.Module) -> None:
+    """The fault suite's senders: non-finite gradients (``BERTSWARM_TEST_NONFINITE_GRADS``) or a Byzantine attack
+    (``BERTSWARM_TEST_ATTACK``); called after the peer's own finite check, before the optimizer accumulates them."""
+    _attack(model)
     if not NONFINITE_GRADS:
         return
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 import logging
 
+import pytest
+
 from peer import hooks
 
 
@@ -33,3 +35,46 @@ def test_missing_hooks_are_one_line(monkeypatch):
 
 def test_a_switch_set_to_0_loads_no_hooks():
     assert hooks.load(environ={"BERTSWARM_TEST_LIE": "0", "BERTSWARM_TEST_NONFINITE_GRADS": ""}) is hooks.NO_HOOKS
+
+
+def test_attack_phases_parse_and_bad_values_are_refused():
+    from peer.testing import faults
+
+    assert faults.parse_attack(None) == []
+    assert faults.parse_attack("signflip") == [(0, "signflip")]
+    assert faults.parse_attack("signflip,random@6") == [(0, "signflip"), (6, "random")]
+    for bad in ("flip", "random@x", "random@6,signflip@2", "signflip,signflip"):
+        with pytest.raises(ValueError):
+            faults.parse_attack(bad)
+
+
+def test_attack_sends_the_gradient_flipped_x1000_then_a_random_10x_direction_per_step():
+    import torch
+
+    from peer.testing import faults
+
+    model = torch.nn.Linear(4, 3)
+    honest = [torch.randn_like(p) for p in model.parameters()]
+
+    class Trainer:  # what the attack reads: the global step
+        class opt:
+            local_epoch = 0
+
+    attack = faults._Attack(faults.parse_attack("signflip,random@2"))
+    attack.trainer = Trainer
+
+    def sent(epoch: int) -> list[torch.Tensor]:
+        Trainer.opt.local_epoch = epoch
+        for p, g in zip(model.parameters(), honest, strict=True):
+            p.grad = g.clone()
+        attack(model)
+        return [p.grad.clone() for p in model.parameters()]
+
+    def norm(grads):
+        return float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+
+    assert all(torch.equal(s, -1000.0 * g) for s, g in zip(sent(1), honest, strict=True))
+    first, again, later = sent(2), sent(2), sent(3)
+    assert norm(first) == pytest.approx(10 * norm(honest), rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # one direction per global step
+    assert not all(torch.allclose(a, b) for a, b in zip(first, later, strict=True))
