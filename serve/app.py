@@ -37,12 +37,12 @@ MAX_BODY_BYTES = 4 << 20
 
 class Server:
     def __init__(self, checkpoints: str, *, max_batch: int = 32, batch_window_ms: float = 5.0,
-                 poll_seconds: float = 5.0):  # fmt: skip
+                 poll_seconds: float = 5.0, threads: int = 0):  # fmt: skip
         self.source = CheckpointSource(checkpoints)
         self.max_batch, self.poll_seconds = max_batch, poll_seconds
         self.metrics = ServeMetrics()
         self.served: ServedModel | None = None
-        self.batcher = Batcher(lambda: self.served, max_batch, batch_window_ms / 1000, self.metrics)
+        self.batcher = Batcher(lambda: self.served, max_batch, batch_window_ms / 1000, self.metrics, threads)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="bertswarm-load")
         self._refused: set[tuple[int, str]] = set()
         self._unreachable = False
@@ -135,8 +135,8 @@ class Server:
             served = self.served
             if served is None:
                 raise RequestError(503, "no checkpoint loaded yet; retry when /readyz answers 200")
-            served.check(kind, texts)
-            step, outputs = await self.batcher.submit(kind, texts)
+            ids = served.check(kind, texts)
+            step, outputs = await self.batcher.submit(kind, texts, ids, served)
             response = web.json_response({"step": step, "outputs": outputs})
         except RequestError as e:
             response = web.json_response({"error": str(e)}, status=e.status)

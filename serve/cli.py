@@ -25,7 +25,7 @@ async def run(cfg: ServeConfig) -> None:
     from serve import app as serve_app
 
     server = serve_app.Server(cfg.checkpoints, max_batch=cfg.max_batch, batch_window_ms=cfg.batch_window_ms,
-                              poll_seconds=cfg.poll_seconds)  # fmt: skip
+                              poll_seconds=cfg.poll_seconds, threads=cfg.threads)  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -26,6 +26,8 @@ class ServeConfig:
     max_batch: int = _opt("most inputs per model call; also the most inputs of one request", default=32, metavar="N")
     batch_window_ms: float = _opt("how long the first request of a batch waits for others", default=5.0,
                                   metavar="MS")  # fmt: skip
+    threads: int = _opt("CPU threads torch uses for a batch (0 = one fewer than the CPUs, at least 1: the event "
+                        "loop keeps a core)", default=0, metavar="N")  # fmt: skip
     poll_seconds: float = _opt("seconds between checks for a newer checkpoint", default=5.0, metavar="SECONDS")
     shutdown_seconds: float = _opt("on SIGINT/SIGTERM, seconds in-flight requests get to finish", default=10.0,
                                    metavar="SECONDS")  # fmt: skip
@@ -63,6 +65,8 @@ class ServeConfig:
             raise UserError(f"--max-batch {self.max_batch}: must be 1-{MAX_BATCH_LIMIT}")
         if not 0 <= self.batch_window_ms <= 1000:
             raise UserError(f"--batch-window-ms {self.batch_window_ms}: must be 0-1000")
+        if self.threads < 0:
+            raise UserError(f"--threads {self.threads}: must be >= 0 (0 = one fewer than the CPUs)")
         for name in ("poll_seconds", "shutdown_seconds"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0 seconds")

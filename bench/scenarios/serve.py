@@ -2,12 +2,16 @@
 
 (a) Throughput: 32 concurrent aiohttp clients, one masked sentence per request, against the server's dynamic batching
 ÷ a plain ``transformers.pipeline("fill-mask")`` loop answering the same sentences one at a time in this process
-(no HTTP), with p50/p99 latency of both. (b) Load test: clients send requests for 60 s (15 s with --quick) while a new
-checkpoint is published every 10 s (3 s): failed requests, whether each client's answers carry steps that only move
-forward, and the lag from a checkpoint's publication to the first answer with its step.
+(no HTTP), with p50/p99 latency of both: the issue's figure, on the tiny preset (the product's default). Two more
+rows, never in its place: the same ratio on the mini preset (more arithmetic per request), and the server ÷ the same
+pipeline served one request at a time over the same HTTP stack (aiohttp on uvloop, the same clients), the
+like-for-like anchor. (b) Load test: clients send requests for 60 s (15 s with --quick) while a new checkpoint is
+published every 10 s (3 s): failed requests, whether each client's answers carry steps that only move forward, and
+the lag from a checkpoint's publication to the first answer with its step.
 
-Checkpoints are the tiny preset written with the product's writer (``peer.store.checkpoint.write_checkpoint``, the
-shipped tokenizer); nothing is downloaded. The arms are interleaved (their order rotates every repetition).
+Checkpoints are written with the product's writer (``peer.store.checkpoint.write_checkpoint``, the shipped
+tokenizer); nothing is downloaded. The arms are interleaved (their order rotates every repetition). The clients run in
+this process, on the same cores as the server: their cost is part of the figure.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from bench.common import ROOT, free_port
 
 NAME = "serve"
 TITLE = "10. Serving: dynamic batching vs a pipeline loop, and hot reload under load"
-ARMS = ("serve", "pipeline", "load")
+ARMS = ("serve", "pipeline", "load", "pipeline_http", "serve_mini", "pipeline_mini")
+PRESET_OF = {"serve_mini": "mini", "pipeline_mini": "mini"}  # every other arm: tiny
 
 _WORDS = ("function", "value", "file", "module", "list", "server", "model", "request", "answer", "checkpoint")
 
@@ -50,13 +55,14 @@ def texts(n: int) -> list[str]:
     return out
 
 
-def _tiny() -> SimpleNamespace:
+def _tiny(preset: str = "tiny") -> SimpleNamespace:
     from peer.config import PeerConfig
     from peer.data.tokenizer import default_tokenizer, tokenizer_fingerprint
     from peer.run.manifest import from_config
 
     tok = default_tokenizer()
-    manifest = from_config(PeerConfig().validate(), "bench-serve", tokenizer_fingerprint(tok), tok.get_vocab_size())
+    cfg = PeerConfig(preset=preset).validate()
+    manifest = from_config(cfg, f"bench-serve-{preset}", tokenizer_fingerprint(tok), tok.get_vocab_size())
     return SimpleNamespace(tok=tok, manifest=manifest)
 
 
@@ -70,14 +76,19 @@ def publish(root: Path, tiny: SimpleNamespace, epoch: int) -> Path:
 
 
 class Server:
-    """One ``python -m serve`` process; stopped and reaped by its PID."""
+    """One ``python -m serve`` process (or, with ``anchor``, :func:`pipeline_server`'s); stopped and reaped by its
+    PID."""
 
-    def __init__(self, checkpoints: Path, log: Path, cfg: dict):
+    def __init__(self, checkpoints: Path, log: Path, cfg: dict, anchor: bool = False):
         self.log = log
         self._out = open(log, "w")  # noqa: SIM115 (closed in stop)
-        args = ["--checkpoints", str(checkpoints), "--port", str(free_port()), "--poll-seconds", str(cfg["poll_s"]),
-                "--max-batch", str(cfg["max_batch"]), "--batch-window-ms", str(cfg["batch_window_ms"])]  # fmt: skip
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve", *args], cwd=ROOT, stdout=self._out,
+        if anchor:
+            command = ["-m", __name__, str(checkpoints), str(free_port())]
+        else:
+            command = ["-m", "serve", "--checkpoints", str(checkpoints), "--port", str(free_port()), "--poll-seconds",
+                       str(cfg["poll_s"]), "--max-batch", str(cfg["max_batch"]), "--batch-window-ms",
+                       str(cfg["batch_window_ms"])]  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, stdout=self._out,
                                      stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
         self.url = None
         deadline = time.monotonic() + 60
@@ -156,8 +167,10 @@ def _quantile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def serve_arm(root: Path, log: Path, cfg: dict, inputs: list[str]) -> dict:
-    server = Server(root, log, cfg)
+def serve_arm(root: Path, log: Path, cfg: dict, inputs: list[str], anchor: bool = False) -> dict:
+    """The closed-loop clients against ``python -m serve`` on ``root`` (or against :func:`pipeline_server` on the
+    checkpoint ``root`` with ``anchor``)."""
+    server = Server(root, log, cfg, anchor)
     try:
         server.wait_ready(1)
         asyncio.run(_closed_loop(server.url, inputs[: cfg["warmup"]], cfg["clients"]))
@@ -184,6 +197,44 @@ def pipeline_arm(checkpoint: Path, cfg: dict, inputs: list[str]) -> dict:
     wall = time.perf_counter() - started
     return {"requests_per_s": len(inputs) / wall, "p50_s": _quantile(latencies, 0.5),
             "p99_s": _quantile(latencies, 0.99), "wall_s": wall}  # fmt: skip
+
+
+def pipeline_server(checkpoint: str, port: int) -> None:
+    """The like-for-like anchor: ``transformers.pipeline("fill-mask")`` behind the server's HTTP stack (aiohttp on
+    uvloop, the same body and answer), one request at a time on one thread while the event loop reads the next
+    requests. Run as ``python -m bench.scenarios.serve CHECKPOINT PORT``; SIGTERM stops it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvloop
+    from aiohttp import web
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=checkpoint, tokenizer=checkpoint, device=-1)
+    model_thread = ThreadPoolExecutor(1)
+
+    async def predict(request: web.Request) -> web.Response:
+        texts = (await request.json())["inputs"]
+        outputs = await asyncio.get_running_loop().run_in_executor(model_thread, lambda: [fill(t) for t in texts])
+        return web.json_response({"step": 1, "outputs": outputs})
+
+    async def ready(_request) -> web.Response:
+        return web.json_response({"step": 1})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/fill-mask", predict)
+        app.router.add_get("/readyz", ready)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        print(f"pipeline anchor on http://127.0.0.1:{port}", flush=True)
+        await stop.wait()
+        await runner.cleanup()
+        model_thread.shutdown()
+
+    uvloop.run(main())
 
 
 def load_arm(root: Path, log: Path, cfg: dict, inputs: list[str], tiny: SimpleNamespace) -> dict:
@@ -267,25 +318,15 @@ def _ratio(a, b):
 
 
 def build_rows(raw: dict, cfg: dict) -> list[dict]:
-    """The report's rows from the per-repetition figures of each arm (pure; a failed repetition is None)."""
+    """The report's rows from the per-repetition figures of each arm (pure; a failed repetition is None). The rows
+    of the extra arms (mini preset, pipeline over HTTP) come only when ``raw`` has them."""
     load = raw["load"]
     serve_rate, pipe_rate = _values(raw, "serve", "requests_per_s"), _values(raw, "pipeline", "requests_per_s")
     forward = [None if "error" in r else float(r["forward_only"]) for r in load]
     lag_median = [statistics.median(r["lags_s"]) if "error" not in r and r["lags_s"] else None for r in load]
     lag_max = [max(r["lags_s"]) if "error" not in r and r["lags_s"] else None for r in load]
     clients, load_clients = cfg["clients"], cfg["load_clients"]
-    return [
-        {
-            "metric": f"bertswarm-serve ({clients} clients, dynamic batching) ÷ pipeline loop (requests/s)",
-            "values": [_ratio(s, p) for s, p in zip(serve_rate, pipe_rate, strict=True)],
-            "goal": ">= 2.0",
-        },
-        {"metric": f"bertswarm-serve requests/s ({clients} clients)", "values": serve_rate, "unit": "requests/s"},
-        {"metric": "pipeline loop requests/s (one at a time)", "values": pipe_rate, "unit": "requests/s"},
-        {"metric": "bertswarm-serve latency p50", "values": _values(raw, "serve", "p50_s"), "unit": "s"},
-        {"metric": "bertswarm-serve latency p99", "values": _values(raw, "serve", "p99_s"), "unit": "s"},
-        {"metric": "pipeline loop latency p50 (one call)", "values": _values(raw, "pipeline", "p50_s"), "unit": "s"},
-        {"metric": "pipeline loop latency p99 (one call)", "values": _values(raw, "pipeline", "p99_s"), "unit": "s"},
+    return _throughput_rows(raw, serve_rate, pipe_rate, clients) + [
         {
             "metric": "bertswarm-serve failed requests (throughput arm)",
             "values": _values(raw, "serve", "failed"),
@@ -308,6 +349,50 @@ def build_rows(raw: dict, cfg: dict) -> list[dict]:
     ]
 
 
+def _throughput_rows(raw: dict, serve_rate: list, pipe_rate: list, clients: int) -> list[dict]:
+    rows = [
+        {
+            "metric": f"bertswarm-serve ({clients} clients, dynamic batching) ÷ pipeline loop (requests/s)",
+            "values": [_ratio(s, p) for s, p in zip(serve_rate, pipe_rate, strict=True)],
+            "goal": ">= 2.0",
+        },
+        {"metric": f"bertswarm-serve requests/s ({clients} clients)", "values": serve_rate, "unit": "requests/s"},
+        {"metric": "pipeline loop requests/s (one at a time)", "values": pipe_rate, "unit": "requests/s"},
+        {"metric": "bertswarm-serve latency p50", "values": _values(raw, "serve", "p50_s"), "unit": "s"},
+        {"metric": "bertswarm-serve latency p99", "values": _values(raw, "serve", "p99_s"), "unit": "s"},
+        {"metric": "pipeline loop latency p50 (one call)", "values": _values(raw, "pipeline", "p50_s"), "unit": "s"},
+        {"metric": "pipeline loop latency p99 (one call)", "values": _values(raw, "pipeline", "p99_s"), "unit": "s"},
+    ]
+    if raw.get("pipeline_http"):
+        http_rate = _values(raw, "pipeline_http", "requests_per_s")
+        rows += [
+            {
+                "metric": "bertswarm-serve ÷ the pipeline served over the same HTTP stack one request at a time "
+                "(requests/s, like-for-like)",
+                "values": [_ratio(s, p) for s, p in zip(serve_rate, http_rate, strict=True)],
+            },
+            {"metric": f"pipeline over HTTP requests/s ({clients} clients)", "values": http_rate, "unit": "requests/s"},
+            {"metric": "pipeline over HTTP latency p99", "values": _values(raw, "pipeline_http", "p99_s"), "unit": "s"},
+        ]
+    if raw.get("serve_mini") and raw.get("pipeline_mini"):
+        mini_serve = _values(raw, "serve_mini", "requests_per_s")
+        mini_pipe = _values(raw, "pipeline_mini", "requests_per_s")
+        rows += [
+            {
+                "metric": f"mini preset: bertswarm-serve ({clients} clients) ÷ pipeline loop (requests/s)",
+                "values": [_ratio(s, p) for s, p in zip(mini_serve, mini_pipe, strict=True)],
+            },
+            {"metric": "mini preset: bertswarm-serve requests/s", "values": mini_serve, "unit": "requests/s"},
+            {"metric": "mini preset: pipeline loop requests/s", "values": mini_pipe, "unit": "requests/s"},
+            {
+                "metric": "mini preset: bertswarm-serve latency p99",
+                "values": _values(raw, "serve_mini", "p99_s"),
+                "unit": "s",
+            },  # fmt: skip
+        ]
+    return rows
+
+
 def run(workdir, reps: int, quick: bool) -> dict:
     workdir = Path(workdir)
     cfg = config(quick)
@@ -315,16 +400,21 @@ def run(workdir, reps: int, quick: bool) -> dict:
     root = workdir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     checkpoint = publish(root, tiny, 1)
+    mini_root = workdir / "checkpoints-mini"
+    mini_root.mkdir()
+    mini_checkpoint = publish(mini_root, _tiny("mini"), 1)
     inputs = texts(cfg["requests"])
     raw: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for rep in range(reps):
-        for arm in ARMS[rep % 3 :] + ARMS[: rep % 3]:
+        for arm in ARMS[rep % len(ARMS) :] + ARMS[: rep % len(ARMS)]:
             log = workdir / f"{arm}-{rep}.log"
             try:
-                if arm == "serve":
-                    result = serve_arm(root, log, cfg, inputs)
-                elif arm == "pipeline":
-                    result = pipeline_arm(checkpoint, cfg, inputs)
+                if arm in ("serve", "serve_mini"):
+                    result = serve_arm(mini_root if arm == "serve_mini" else root, log, cfg, inputs)
+                elif arm in ("pipeline", "pipeline_mini"):
+                    result = pipeline_arm(mini_checkpoint if arm == "pipeline_mini" else checkpoint, cfg, inputs)
+                elif arm == "pipeline_http":
+                    result = serve_arm(checkpoint, log, cfg, inputs, anchor=True)
                 else:
                     load_root = workdir / f"load-{rep}"
                     load_root.mkdir()
@@ -340,7 +430,11 @@ def run(workdir, reps: int, quick: bool) -> dict:
         f"(latency measured by the client, so HTTP and JSON are included), after {cfg['warmup']} warm-up requests; "
         f"server `--max-batch {cfg['max_batch']} --batch-window-ms {cfg['batch_window_ms']:g}`. The pipeline loop "
         "calls `transformers.pipeline('fill-mask')` (top 5, as the server) on the same sentences in this process, "
-        "no HTTP. Both use torch's default intra-op threads; the clients share the machine with the server.",
+        "no HTTP, with torch's default intra-op threads; the server runs its model on `--threads 0` (one fewer than "
+        "the CPUs: 1 here). The clients run in this process and share the machine with the server.",
+        "Extra rows (no goal; the goal's row stays the tiny preset ÷ the in-process loop): the same ratio on the mini "
+        "preset, and the server ÷ the pipeline served one request at a time over the same HTTP stack (aiohttp on "
+        "uvloop, a model thread, the same clients: `python -m bench.scenarios.serve CHECKPOINT PORT`).",
         f"Load test: {cfg['load_clients']} clients, each sending its next request as soon as the last is answered, for "
         f"{cfg['load_s']} s; a checkpoint every {cfg['publish_every_s']} s (the last at least that long before the "
         f"end), written by this process with the product's writer; the server polls every {cfg['poll_s']:g} s "
@@ -349,3 +443,7 @@ def run(workdir, reps: int, quick: bool) -> dict:
         "answers in order.",
     ]
     return {"config": cfg, "rows": build_rows(raw, cfg), "raw": raw, "notes": notes}
+
+
+if __name__ == "__main__":
+    pipeline_server(sys.argv[1], int(sys.argv[2]))

@@ -24,7 +24,12 @@ from serve.app import parse_inputs
 from serve.model import RequestError
 
 REPO = Path(__file__).resolve().parents[2]
-TEXTS = ["the [MASK] of the function.", "returns a [MASK] of the input", "a [MASK] is [MASK] here."]
+TEXTS = [
+    "the [MASK] of the function.",
+    "returns a [MASK] of the input",
+    "a [MASK] is [MASK] here.",
+    "Ünïcode ÀCCENTS, CAPS and a literal [PAD]: [MASK]!",
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +75,26 @@ def test_fill_mask_equals_the_pipeline(tiny, monkeypatch):
     with pytest.raises(RequestError, match="is a fill-mask model; /v1/classify needs a sequence-classification") as e:
         served.check("classify", ["text"])
     assert e.value.status == 409
+
+
+@pytest.mark.timeout(60)
+def test_the_served_tokenisation_and_the_head_at_the_masks_equal_the_full_model(tiny):
+    """The server tokenises with the fast tokenizer's backend (not the wrapper) and applies the masked-LM head at the
+    masks only: the same ids as the wrapper, and the same answers as the full model's logits at every position."""
+    import dataclasses
+
+    served = served_model.load(tiny.root / "latest", tiny.manifest.fingerprint)
+    assert served.mlm_parts is not None
+    texts = [*TEXTS, "a literal [PAD] then [MASK]", "  spaces\t[MASK]\n "]
+    ids = served.check("fill-mask", texts)
+    assert ids == served.tokenizer(texts)["input_ids"]
+    fast = served.infer_ids("fill-mask", ids)
+    full = dataclasses.replace(served, mlm_parts=None).infer_ids("fill-mask", ids)
+    assert [_strip_scores(r) for r in fast] == [_strip_scores(r) for r in full]
+    for got, want in zip(fast, full, strict=True):
+        assert _scores(got) == pytest.approx(_scores(want), abs=1e-5)
+    assert fast == served.infer("fill-mask", texts)  # the same answers alone or in a batch (the whole batch here)
+    assert "[PAD]" not in fast[4][0]["sequence"]  # dropped from the sequence, as the pipeline drops it
 
 
 @pytest.mark.timeout(60)
