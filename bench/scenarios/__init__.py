@@ -16,6 +16,7 @@ NAMES = [
     "finetune",
     "robust",
     "attack",
+    "nat",
 ]
 
 
