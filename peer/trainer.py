@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import hashlib
 import logging
 import math
@@ -505,7 +506,11 @@ def _keep_members(dht: hivemind.DHT, cfg: PeerConfig, joined: join.JoinedRun, ig
 
 def _shutdown(trainer: Trainer | None, dht: hivemind.DHT, prepared: Prepared) -> None:
     """Leave the swarm, save, then stop hivemind's processes and threads; each step runs even if an earlier one
-    failed."""
+    failed. Last, the heap is frozen (``gc.freeze``): the process exits next, and the interpreter's exit would walk
+    the whole heap of torch, transformers and hivemind objects with the cyclic garbage collector, 2.7-4 s on a busy
+    2-core machine, after the state is saved (bench scenario ``stopping``); frozen, the exit takes 0.3 s and the
+    memory goes back to the OS as it would anyway. Only cyclic garbage is left uncollected; reference counting,
+    ``atexit`` handlers and the flushing of files and logs are unchanged."""
     started = time.perf_counter()
     with swarm.keep_request_futures(dht) as stores:
         steps = [] if trainer is None else [trainer.display.close, partial(_leave_swarm, trainer.opt, stores),
@@ -516,6 +521,7 @@ def _shutdown(trainer: Trainer | None, dht: hivemind.DHT, prepared: Prepared) ->
     for step in (prepared.telemetry.close, prepared.state_dir.close):
         _run_shutdown_step(step)
     logger.info("left the swarm in %.1fs", time.perf_counter() - started)
+    gc.freeze()
 
 
 def _leave_swarm(opt: SwarmOptimizer | DiLoCoOptimizer, stores: list) -> None:
