@@ -44,7 +44,16 @@ class Init:
     seq_len: int
     """the run's sequence length: the default ``--max-length``"""
     provenance: dict
-    """what ``metrics.json`` records about the start: the source, and the run, epoch and samples of a checkpoint"""
+    """what ``metrics.json`` records about the start: the source, and the run, epoch, samples and weights' sha256 of a
+    checkpoint"""
+    preset: str
+    """the architecture's preset (the checkpoint run's, or ``--preset`` for random weights)"""
+
+    @property
+    def base_sha256(self) -> str | None:
+        """sha256 of the checkpoint's ``model.safetensors`` (verified when loaded); None for random weights. What a
+        swarm fine-tuning run pins (``peer.finetune.manifest``)."""
+        return self.provenance.get("sha256")
 
 
 def load_init(init_from: str, tokenizer_path: str | None, preset: str) -> Init:
@@ -56,7 +65,7 @@ def load_init(init_from: str, tokenizer_path: str | None, preset: str) -> Init:
         cfg = PeerConfig(preset=preset).validate()  # an unknown preset: "--preset x: ..." (UserError)
         manifest = from_config(cfg, "finetune", tokenizer_fingerprint(tokenizer), tokenizer.get_vocab_size())
         return Init(bert_config(manifest.model), None, tokenizer, manifest.seq_len,
-                    {"init_from": RANDOM, "preset": preset})  # fmt: skip
+                    {"init_from": RANDOM, "preset": preset}, preset)  # fmt: skip
     try:
         state, meta = load_checkpoint(init_from, expected_fingerprint=None)
     except CheckpointError as e:
@@ -70,8 +79,8 @@ def load_init(init_from: str, tokenizer_path: str | None, preset: str) -> Init:
             "run's vocab.txt or tokenizer.json"
         )
     provenance = {"init_from": str(init_from), "run_id": meta["run_id"], "fingerprint": meta["fingerprint"],
-                  "epoch": meta["epoch"], "samples_seen": meta["samples_seen"]}  # fmt: skip
-    return Init(bert_config(manifest.model), state, tokenizer, manifest.seq_len, provenance)
+                  "epoch": meta["epoch"], "samples_seen": meta["samples_seen"], "sha256": meta["sha256"]}  # fmt: skip
+    return Init(bert_config(manifest.model), state, tokenizer, manifest.seq_len, provenance, manifest.preset)
 
 
 def _tokenizer(path: str) -> Tokenizer:

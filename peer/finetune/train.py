@@ -56,6 +56,43 @@ class Result:
     history: list[dict] = field(default_factory=list)
 
 
+class BestWeights:
+    """Validation and early stopping, for both loops (this module's and the swarm's, ``peer.finetune.swarm``): after
+    each epoch, ``evaluate`` scores the model on the validation split, appends the epoch's entry to the history, keeps
+    a copy of the weights when the accuracy is the best so far (the earliest on ties), and says whether ``patience``
+    epochs in a row went by without a better one."""
+
+    def __init__(self, model: torch.nn.Module, validation: Sequence[Example], encoder: Encoder,
+                 label_ids: dict[str, int], batch_size: int, patience: int,
+                 report: Callable[[dict], None] = lambda entry: None):  # fmt: skip
+        self.model, self.validation, self.encoder, self.label_ids = model, validation, encoder, label_ids
+        self.batch_size, self.patience, self.report = batch_size, patience, report
+        self.gold = [label_ids[e.label] for e in validation]
+        self.best: dict | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch, self.stale = 0, 0
+        self.history: list[dict] = []
+
+    def evaluate(self, epoch: int, train_loss: float, **extra) -> bool:
+        """Score this epoch (``extra``: more fields for its history entry); True when it is time to stop."""
+        batches_ = batches(self.validation, self.encoder, self.label_ids, self.batch_size)
+        predicted, _ = predict(self.model, batches_)
+        metrics = classification_metrics(predicted, self.gold, len(self.label_ids))
+        entry = {"epoch": epoch, **extra, "train_loss": train_loss, **metrics}
+        self.history.append(entry)
+        self.report(entry)
+        if self.best is None or metrics["accuracy"] > self.best["accuracy"]:
+            self.best, self.best_epoch, self.stale = metrics, epoch, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self) -> None:
+        """Load the best epoch's weights back into the model."""
+        self.model.load_state_dict(self.best_state)
+
+
 def fine_tune(
     model: torch.nn.Module,
     train: Sequence[Example],
@@ -78,9 +115,9 @@ def fine_tune(
     total = steps_per_epoch * settings.epochs
     schedule = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_fraction * total), total)
     generator = torch.Generator().manual_seed(settings.seed)
-    gold = [label_ids[e.label] for e in validation]
-    baseline = majority_baseline([label_ids[e.label] for e in train], gold, len(labels))
-    best, best_state, best_epoch, history, stale = None, None, 0, [], 0
+    baseline = majority_baseline([label_ids[e.label] for e in train], [label_ids[e.label] for e in validation],
+                                 len(labels))  # fmt: skip
+    keeper = BestWeights(model, validation, encoder, label_ids, settings.batch_size, settings.patience, report)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)  # dropout
         for epoch in range(1, settings.epochs + 1):
@@ -95,21 +132,11 @@ def fine_tune(
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.item()
-            predicted, _ = predict(model, batches(validation, encoder, label_ids, settings.batch_size))
-            metrics = classification_metrics(predicted, gold, len(labels))
-            entry = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, **metrics}
-            history.append(entry)
-            report(entry)
-            if best is None or metrics["accuracy"] > best["accuracy"]:
-                best, best_epoch, stale = metrics, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if stale >= settings.patience:
-                    break
-    model.load_state_dict(best_state)
-    stopped = len(history) < settings.epochs
-    return Result(best, baseline, best_epoch, len(history), stopped, history)
+            if keeper.evaluate(epoch, loss_sum / steps_per_epoch):
+                break
+    keeper.restore()
+    stopped = len(keeper.history) < settings.epochs
+    return Result(keeper.best, baseline, keeper.best_epoch, len(keeper.history), stopped, keeper.history)
 
 
 def check_output(output: str | os.PathLike[str], overwrite: bool) -> Path:

@@ -4,8 +4,9 @@ Keys (``{run}`` is the run id):
 
 - ``bertswarm_runs``: subkey = run id, value = manifest fingerprint. Lets a joiner find the run without ``--run-id``.
 - ``{run}_manifest``: subkey = a member's RSA public key (signed: only its owner can write it), value =
-  ``SignedManifest``: the run manifest as canonical JSON (see ``manifest.py``), signed by the run's creator. Every
-  member republishes the creator's signed manifest under its own subkey, so the run outlives its creator.
+  ``SignedManifest``: the run manifest as canonical JSON (see ``manifest.py``; a fine-tuning run's is
+  ``peer.finetune.manifest.FinetuneManifest``, ``"kind": "finetune"``), signed by the run's creator. Every member
+  republishes the creator's signed manifest under its own subkey, so the run outlives its creator.
 - ``{run}_metrics``: subkey = a peer's RSA public key (signed), value = ``PeerMetrics``; only its owner can write it.
 - ``{run}_checkpoints``: subkey = a coordinator's RSA public key (signed), value = ``CheckpointRecord``.
 - ``{run}_diloco``: subkey = a peer's id, value = ``DiLoCoProgress`` (``--mode diloco`` only).
