@@ -29,7 +29,6 @@ from peer.run.manifest import (
 from peer.run.presets import PRESET_NAMES
 from peer.swarm import addresses
 from peer.swarm.addresses import DEFAULT_LISTEN
-from peer.swarm.nat import RELAY_MODES
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "lamb")
@@ -67,13 +66,6 @@ class PeerConfig:
     client_mode: bool = setting(
         "behind NAT/firewall: accept no inbound connections (you train and average through others)",
         default=False,
-        group="swarm",
-    )
-    relay: str = setting(
-        f"libp2p circuit relays, one of {', '.join(RELAY_MODES)}: serve (relay for peers behind NAT, with limits), "
-        "use (be reached through a --join peer as relay), off; auto: serve with a public address, use with private "
-        "addresses only and a public --join peer, else off",
-        default="auto",
         group="swarm",
     )
     identity: str | None = setting(
@@ -235,7 +227,6 @@ class PeerConfig:
         _choice("--outer-compression", self.outer_compression, OUTER_COMPRESSIONS)
         _choice("--aggregation", self.aggregation, AGGREGATIONS)
         _choice("--log-format", self.log_format, LOG_FORMATS)
-        _choice("--relay", self.relay, RELAY_MODES)
         if self.quiet and self.verbose:
             raise UserError("--quiet and --verbose contradict each other; pass one")
         _positive("inner_steps", self.inner_steps)
@@ -270,10 +261,6 @@ class PeerConfig:
             raise UserError("--init-from starts a new swarm; a joining peer takes the swarm's state, drop one of them")
         if self.client_mode and self.announce:
             raise UserError("--client-mode accepts no inbound connections, so --announce makes no sense; drop one")
-        if self.client_mode and self.relay in ("serve", "use"):
-            raise UserError(f"--client-mode accepts no inbound connections, so --relay {self.relay} makes no sense")
-        if self.relay == "use" and not self.join:
-            raise UserError("--relay use needs a --join peer to relay through")
         if self.address_file is not None and not Path(self.address_file).expanduser().parent.is_dir():
             raise UserError(f"--address-file {self.address_file}: its directory does not exist; create it first")
         if self.batch_size and self.target_batch_size and self.batch_size > self.target_batch_size:

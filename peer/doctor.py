@@ -499,12 +499,8 @@ def classify_dial_back(cfg: PeerConfig, probe: Probe) -> Check:
         return fail("dial-back", f"you listen on loopback only ({shown}) but the swarm is on other machines: they "
                     "cannot dial you", "pass --listen /ip4/0.0.0.0/tcp/PORT --announce /ip4/<your ip>/tcp/PORT, or "
                     "--client-mode")  # fmt: skip
-    if cfg.relay != "off":  # nat.plan picks "use" here: the join peer relays for this node
-        return ok("dial-back", f"behind NAT: you announce private addresses only ({shown}) and the swarm is on the "
-                  "internet, so peers there reach you through a libp2p relay (your --join peer, --relay "
-                  f"{cfg.relay}); a forwarded port would spare the relay's bandwidth")  # fmt: skip
     return fail("dial-back", f"behind NAT: you announce private addresses only ({shown}) and the swarm is on the "
-                "internet, so peers there cannot dial you (--relay off)", "drop --relay off, or forward a TCP port to "
+                "internet, so peers there cannot dial you (bertswarm uses no libp2p relays)", "forward a TCP port to "
                 "this machine and pass --listen /ip4/0.0.0.0/tcp/PORT --announce /ip4/<public ip>/tcp/PORT, or pass "
                 "--client-mode")  # fmt: skip
 

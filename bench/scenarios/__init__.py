@@ -16,7 +16,6 @@ NAMES = [
     "finetune",
     "robust",
     "attack",
-    "nat",
     "stopping",
 ]
 

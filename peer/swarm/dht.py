@@ -1,4 +1,4 @@
-"""Start this peer's DHT node: identity file, listen/announce addresses, client mode, relays, clear errors.
+"""Start this peer's DHT node: identity file, listen/announce addresses, client mode, clear errors.
 
 Failures of the p2p daemon that are the user's to fix (unreachable bootstrap peer, address in use, identity in use)
 become one-line ``UserError``s.
@@ -17,7 +17,7 @@ from hivemind.p2p import P2PDaemonError
 
 from peer.errors import UserError
 from peer.store.atomic import atomic_write_text
-from peer.swarm import hivemind_compat, nat
+from peer.swarm import hivemind_compat
 from peer.swarm import identity as peer_identity
 from peer.swarm.addresses import DEFAULT_LISTEN, JOIN_HINT
 from peer.swarm.hivemind_compat import keep_request_futures as keep_request_futures  # re-exported: used with stop_dht
@@ -32,14 +32,12 @@ class DhtSettings(Protocol):
     listen: list[str]
     announce: list[str]
     client_mode: bool
-    relay: str
     identity_path: Path
     startup_timeout: float
 
 
 def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DHT:
-    """Start the DHT node (and its p2pd). Addresses were validated with the config (``addresses.py``); the relay role
-    (serve for peers behind NAT, be reached through one, or neither) is picked from them (``nat.py``)."""
+    """Start the DHT node (and its p2pd). Addresses were validated with the config (``addresses.py``)."""
     identity = cfg.identity_path
     identity.parent.mkdir(parents=True, exist_ok=True)
     # this process signs its DHT records with the key behind its peer id; the signature validator goes in first (the
@@ -47,10 +45,6 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
     key, created = peer_identity.ensure_identity(identity)
     peer_identity.use_for_this_process(key)
     hivemind_compat.install()  # before the DHT process forks: it and its p2pd inherit the lifeline (swarm/lifeline.py)
-    relay = nat.plan(cfg.relay, cfg.client_mode, cfg.join, cfg.listen, cfg.announce)
-    # said when a relay is in play (a volunteer behind NAT, or one relaying for others); local swarms stay quiet
-    logger.log(logging.DEBUG if relay.role == "off" else logging.INFO, "relay: %s (%s)", relay.role, relay.reason)
-    nat.install()  # as above: p2pd's static relays reserve at once
     try:
         return hivemind.DHT(
             initial_peers=list(cfg.join) or None,
@@ -62,7 +56,6 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
             record_validators=[RSASignatureValidator(key), *record_validators],
             check_if_identity_free=not created,  # as hivemind does for the identities it creates itself
             start=True,
-            **relay.p2p_options(),
         )
     except P2PDaemonError as e:
         raise UserError(_explain_daemon_error(str(e), cfg, identity)) from None
