@@ -54,8 +54,10 @@ PEER_OUTER_ROUNDS = "bertswarm_peer_outer_rounds"  # counter with label outcome
 PEER_BYTES_SENT = "bertswarm_peer_bytes_sent"  # counter: averaging traffic (estimated: hivemind counts none)
 PEER_BYTES_RECEIVED = "bertswarm_peer_bytes_received"  # counter
 
-ROUND_OUTCOMES = ("success", "failed", "solo")
-OUTER_ROUND_OUTCOMES = ("success", "failed", "solo", "reloaded")
+# partial: the round finished, but a groupmate was dropped as too slow or some averaged parts never came back, so the
+# group's peers now differ slightly (peer.swarm.robust.PartialRounds)
+ROUND_OUTCOMES = ("success", "partial", "failed", "solo")
+OUTER_ROUND_OUTCOMES = ("success", "partial", "failed", "solo", "reloaded")
 SKIP_REASONS = ("nonfinite",)
 
 

@@ -426,7 +426,7 @@ class Trainer:
     def _on_round(self, outcome: str, group_size: int, seconds: float) -> None:
         self.rounds[outcome] += 1
         self.telemetry.rounds.labels(outcome).inc()
-        if outcome == "success":
+        if outcome in ("success", "partial"):
             self.telemetry.group_size.set(group_size)
             self.telemetry.round_duration.observe(seconds)
             # a butterfly all-reduce sends and receives 2(n-1)/n of the (uncompressed fp32) gradient; an estimate,
@@ -441,10 +441,10 @@ class Trainer:
         t.outer_rounds.labels(report.outcome).inc()
         t.bytes_sent.inc(report.bytes_sent)
         t.bytes_received.inc(report.bytes_received)
-        if report.outcome == "success":
+        if report.outcome in ("success", "partial"):
             t.group_size.set(report.group_size)
             t.round_duration.observe(report.seconds)
-        if report.outcome in ("success", "solo", "failed"):
+        if report.outcome in ROUND_OUTCOMES:
             t.rounds.labels(report.outcome).inc()
 
     def _on_state_loaded(self, seconds: float) -> None:

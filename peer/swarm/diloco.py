@@ -30,11 +30,13 @@ How peers are matched into a round (the simplest robust scheme found; alternativ
   timeout, a groupmate died) falls back to the local ``Δ`` (``failed``); none of this raises or blocks for longer
   than ``wait_for_peers + matchmaking_timeout + averaging_timeout``.
 - **Agreement.** Lossy compression makes each peer's averaged ``Δ`` slightly different (hivemind's reducers return
-  ``avg − dequant(part_i)`` to each sender), and a failed round leaves one peer with its own ``Δ``; both make the
-  peers' ``θ_outer`` drift apart. Every ``agreement_every`` outer epochs, after a successful round, the peers average
-  ``θ_outer`` and the momentum buffers exactly (NoCompression, through ``OuterStateAverager``), which brings them
-  back together (to fp32 rounding: each peer adds ``avg − own`` to its own value). Momentum drift is bounded by
-  itself (a decaying sum of per-round errors); parameter drift is what the agreement resets.
+  ``avg − dequant(part_i)`` to each sender), a failed round leaves one peer with its own ``Δ``, and a ``partial``
+  round (a groupmate dropped as too slow, or averaged parts that never came back: ``robust.PartialRounds``) leaves
+  some parts averaged without a groupmate; all make the peers' ``θ_outer`` drift apart. Every ``agreement_every``
+  outer epochs, after a successful or partial round, the peers average ``θ_outer`` and the momentum buffers exactly
+  (NoCompression, through ``OuterStateAverager``), which brings them back together (to fp32 rounding: each peer adds
+  ``avg − own`` to its own value). Momentum drift is bounded by itself (a decaying sum of per-round errors);
+  parameter drift is what the agreement resets.
 
 Overlap (``overlap=True``, the "eager", one-round-delayed variant): at boundary ``k`` the peer first waits for the
 rest of the round it started at boundary ``k − 1`` and applies the outer step with that averaged ``Δ_{k−1}``; then
@@ -86,6 +88,7 @@ from hivemind.utils import get_dht_time
 from peer.run import schema
 from peer.run.manifest import DEFAULT_AGGREGATION, OUTER_COMPRESSIONS
 from peer.swarm import guards, hivemind_compat, membership, records
+from peer.swarm.robust import PartialRounds
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ logger = logging.getLogger(__name__)
 PSEUDOGRAD_COMPRESSION = {"none": NoCompression, "fp16": ScaledFloat16Compression, "int8": Uniform8BitQuantization}
 PSEUDOGRAD_COMPRESSIONS = OUTER_COMPRESSIONS  # the manifest's choices; the dict above must cover exactly these
 assert set(PSEUDOGRAD_COMPRESSION) == set(OUTER_COMPRESSIONS)
-OUTCOMES = ("success", "solo", "failed", "reloaded")
+OUTCOMES = ("success", "partial", "solo", "failed", "reloaded")
 EPOCH_BITS = 16  # group key bits carrying the outer epoch (mod 2**16)
 # A leaving peer's last record: round 0, not ready, at wall time 0.0, which no live heartbeat writes. Peers of this
 # version ignore it at once; older ones see a peer at round 0, which no round after the first waits for.
@@ -115,7 +118,7 @@ OuterStateAverager = hivemind_compat.OuterStateAverager
 class RoundReport:
     """One boundary: what happened to the pseudo-gradient of epoch ``epoch``."""
 
-    outcome: str  # success | solo | failed | reloaded
+    outcome: str  # success | partial (see robust.PartialRounds) | solo | failed | reloaded
     epoch: int  # the outer epoch the round was for (after it: epoch + 1, or the loaded epoch)
     group_size: int = 1
     seconds: float = 0.0  # duration of the exchange (readiness wait + matchmaking + all-reduce)
@@ -250,11 +253,13 @@ class DiLoCo:
         # the momentum tensors the agreement round averages in place; a state download replaces the optimizer's,
         # so _repoint_momentum copies it back into these
         self._momentum = [self.state.optimizer.state[p].get("momentum_buffer") for p in self._outer]
+        self._partial_rounds = PartialRounds()  # pseudo-gradient rounds that finished in part
         self.pseudograd = PseudoGradientAverager(
             self._grads,
             prefix=f"{run_id}_pseudograd",
             allow_state_sharing=False,
             compression=compression_impl,
+            on_partial=self._partial_rounds,
             **common,
         )
         ratio = compression_impl.estimate_compression_ratio(
@@ -487,7 +492,7 @@ class DiLoCo:
                 return report
             report.outcome = "failed"
             logger.warning("outer epoch %d: no peer could send the newer outer state; stepping alone", epoch)
-        if report.outcome == "success":
+        if report.outcome in ("success", "partial"):
             report.group_size = exchange.group_size
             n = exchange.group_size
             report.bytes_sent = report.bytes_received = int(2 * (n - 1) / n * self._pseudograd_bytes)
@@ -500,7 +505,7 @@ class DiLoCo:
             self._load_pseudograd_()
         self._outer_step()
         if (
-            report.outcome == "success"
+            report.outcome in ("success", "partial")  # the same for every peer of the group: all of them agree or none
             and self.agreement_every > 0
             and self.outer_epoch % self.agreement_every == 0
             and self._agree(self.outer_epoch, report.group_size)
@@ -647,6 +652,7 @@ class DiLoCo:
         # the group forms once every peer at the boundary is in it, not after the whole matchmaking window; a peer that
         # is ready on record but never comes (it crashed) costs the window, and the others average without it
         self.pseudograd.expect_group_size(1 + sum(ready))
+        self._partial_rounds.take()  # a report left by an earlier round is not this one's
         control = self.pseudograd.step(
             gather=dict(epoch=epoch), weight=1.0, timeout=self.matchmaking_timeout, wait=False
         )
@@ -668,7 +674,10 @@ class DiLoCo:
                 "outer round %d: groupmates at rounds %s; stepping with the local pseudo-gradient", epoch, epochs
             )
             return _Exchange("failed", epoch)
-        return _Exchange("success" if len(gathered) > 1 else "solo", epoch, group_size=len(gathered))
+        if len(gathered) <= 1:
+            return _Exchange("solo", epoch)
+        outcome = "partial" if self._partial_rounds.take() else "success"
+        return _Exchange(outcome, epoch, group_size=len(gathered))
 
     def _await_group(self, control, epoch: int, timeout: float):
         """``control.result(timeout)``, except that a round still looking for its group is cancelled (``_GroupGone``)

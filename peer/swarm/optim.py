@@ -8,7 +8,8 @@ Tuning advice (the defaults suit 2-16 peers on one continent):
 - ``averaging_timeout`` (``--averaging-timeout``, default 30 s): after this a round is abandoned and the peer steps
   with its local gradients (it will then resync parameters from peers). Raise it for large models on slow links.
 - A groupmate that sends nothing for ``averaging_timeout / 2`` in the middle of a round is dropped, and the round
-  completes with the others' contributions.
+  completes with the others' contributions. It counts as a ``partial`` round: the group's peers then differ slightly,
+  until the next state averaging round (every ``STATE_AVERAGING_EVERY`` steps).
 - The target batch is reached by the whole swarm; each peer contributes what it computed, weighted by its samples.
 """
 
@@ -30,6 +31,7 @@ from hivemind.utils import get_dht_time
 
 from peer.run.manifest import DEFAULT_AGGREGATION, RunManifest
 from peer.swarm import guards, hivemind_compat
+from peer.swarm.robust import PartialRounds
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +184,11 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
     """``hivemind.Optimizer`` that reports the outcome and duration of each gradient averaging round, reads the swarm's
     progress through ``guards.BoundedProgressTracker`` and averages finite contributions only.
 
-    ``on_round(outcome, group_size, seconds)`` is called with outcome ``success``, ``failed`` (the round timed out or
-    broke and this peer stepped with its local gradients) or ``solo`` (no other peer was there to average with).
+    ``on_round(outcome, group_size, seconds)`` is called with outcome ``success``, ``partial`` (the round finished
+    but left a groupmate's contribution or some of this peer's averaged values out: see ``robust.PartialRounds``; the
+    peers now differ slightly, until the next state averaging round), ``failed`` (the round timed out or broke and
+    this peer stepped with its local gradients) or ``solo`` (no other peer was there to average with).
+    ``partial_rounds``: the ``PartialRounds`` the gradient averager reports to (``make_optimizer`` wires both).
     The hooks into hivemind's private steps are ``hivemind_compat.HookedOptimizer``'s.
 
     Departures: a leaving peer calls ``leave_swarm`` (no more matchmaking, its progress record withdrawn); a peer whose
@@ -198,6 +203,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         on_round: Callable[[str, int, float], None] | None = None,
         on_state_loaded: Callable[[float], None] | None = None,
         aggregation: str = DEFAULT_AGGREGATION,
+        partial_rounds: PartialRounds | None = None,
         **kwargs,
     ):
         # state rounds average parameters with weight 1 per peer (hivemind's)
@@ -205,6 +211,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         self.state_averager_options = guards.robust_options(aggregation, weight_cap=1.0)
         self._on_round = on_round or (lambda outcome, size, seconds: None)
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
+        self._partial_rounds = partial_rounds if partial_rounds is not None else PartialRounds()
         self.skipped_nonfinite_steps = 0
         guards.share_rejection_counter()  # before hivemind forks its averagers
         hivemind_compat.install()  # likewise: the forked averagers keep the (finite-only, NumPy 2.4-fixed) hivemind
@@ -336,6 +343,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         time.sleep(delay)
 
     def gradient_round_finished(self, control, seconds: float) -> None:
+        partial = self._partial_rounds.take()  # this round's report (the averager reported it before the result)
         if control is None:
             self._on_round("solo", 1, seconds)
         elif control is self._abandoned_grads:  # the others left while it waited for them (_watch_departures)
@@ -344,7 +352,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         elif control.cancelled():  # this peer is leaving (see cancel_matchmaking)
             self._on_round("failed", 1, seconds)
         elif control.done() and control.exception() is None:
-            self._on_round("success", len(control.result()), seconds)
+            self._on_round("partial" if partial else "success", len(control.result()), seconds)
         else:
             self._on_round("failed", 1, seconds)
             logger.warning(
@@ -353,6 +361,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
             )
 
     def gradients_not_averaged(self) -> None:  # hivemind steps with local gradients and never calls the hook above
+        self._partial_rounds.take()
         alone = self.tracker.global_progress.num_peers <= 1
         self._on_round("solo" if alone else "failed", 1, 0.0)
 
@@ -370,6 +379,7 @@ def make_optimizer(
     grad_compression: CompressionBase | None = None,
 ) -> SwarmOptimizer:
     """Wrap the model's parameters in the swarm optimizer; every peer of the run uses exactly this construction."""
+    partial_rounds = PartialRounds()  # before hivemind forks the gradient averager, which reports to it
     # hivemind warns (and can deadlock in rare cases) unless a leader's reply timeout is below the matchmaking time
     request_timeout = max(0.2, min(3.0, matchmaking_time / 2))
     return SwarmOptimizer(
@@ -400,7 +410,9 @@ def make_optimizer(
             hivemind_compat.RobustGradientAverager,
             request_timeout=request_timeout,
             **guards.robust_options(manifest.aggregation, manifest.target_batch_size),
+            on_partial=partial_rounds,
         ),
+        partial_rounds=partial_rounds,
         aggregation=manifest.aggregation,
         grad_compression=grad_compression if grad_compression is not None else NoCompression(),
         # progress records of peers that vanished expire after 20 s (hivemind's default 60 s stalls joiners longer)

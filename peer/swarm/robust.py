@@ -243,6 +243,33 @@ class RejectionCounts:
         return {reason: int(value.value) for reason, value in self._values.items()}
 
 
+class PartialRounds:
+    """An ``on_partial`` that counts all-reduce rounds that finished in part, shared with every process forked after it
+    was made (like ``RejectionCounts``).
+
+    hivemind finishes a round "successfully" when a groupmate's parts stop coming (its sender is dropped after
+    ``sender_timeout`` and the part is averaged without it) or when a reducer never returns this peer's averaged part
+    (this peer keeps its own values there). The peers of such a round end with different tensors, and hivemind's
+    result says nothing. The averager reports each such round here; the trainer's process ``take``s the count after
+    each of its rounds and reports the round as ``partial``."""
+
+    def __init__(self):
+        self._value = mp.get_context("fork").Value("q", 0)
+
+    def __call__(self, dropped_senders: int, missing_fraction: float) -> None:
+        with self._value.get_lock():
+            self._value.value += 1
+
+    def take(self) -> int:
+        """The rounds finished in part since the last ``take``."""
+        with self._value.get_lock():
+            count, self._value.value = int(self._value.value), 0
+        return count
+
+
+OnPartial = Callable[[int, float], None]
+
+
 # --- the reducer --------------------------------------------------------------------------------------------------
 
 
@@ -413,8 +440,10 @@ class RobustAveragingMixin:
     Put it first among the bases: ``class RobustGradientAverager(RobustAveragingMixin, GradientAverager)``. Its
     keyword arguments are the runner's (``aggregation``, ``weight_cap``, ``max_weight_ratio``, ``on_reject``), taken
     before the averager forks its process, which inherits them; ``on_reject`` then runs in that process
-    (``RejectionCounts`` counts across the fork). Every peer of a group must use the same averager class: hivemind
-    names its RPC handlers after the class, so a robust and a plain averager cannot even find each other.
+    (``RejectionCounts`` counts across the fork). ``on_partial`` (``PartialRounds``) hears, in the same way, of every
+    round that finished in part (a groupmate dropped as too slow, or averaged parts that never came back). Every peer
+    of a group must use the same averager class: hivemind names its RPC handlers after the class, so a robust and a
+    plain averager cannot even find each other.
 
     Each subclass gets a fresh RPC handler cache (hivemind caches handlers per class: a subclass would otherwise reuse
     its parent's, which carry the parent's class name). Override ``_make_allreduce_runner`` to build another runner.
@@ -432,12 +461,14 @@ class RobustAveragingMixin:
         weight_cap: float = math.inf,
         max_weight_ratio: float | None = OUTLIER_FACTOR,
         on_reject: OnReject | None = None,
+        on_partial: OnPartial | None = None,
         **kwargs,
     ):
         _check_aggregation_options(aggregation, weight_cap, max_weight_ratio)
         self.robust_options = dict(
             aggregation=aggregation, weight_cap=weight_cap, max_weight_ratio=max_weight_ratio, on_reject=on_reject
         )
+        self.on_partial = on_partial
         super().__init__(*args, **kwargs)  # may start (fork) the averager: the options must be set before
 
     def _make_allreduce_runner(self, **kwargs) -> AllReduceRunner:
@@ -468,3 +499,20 @@ class RobustAveragingMixin:
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
+        self._report_partial(runner, len(group_info.peer_ids))
+
+    def _report_partial(self, runner: AllReduceRunner, group_size: int) -> None:
+        """One warning and ``on_partial(dropped senders, missing fraction)`` when the round that just finished left a
+        groupmate's contribution out of a part this peer reduced, or left this peer without some averaged parts."""
+        dropped = len(runner.banned_senders)
+        container = runner.tensor_part_container
+        missing = container.failed_size / container.total_size if container.total_size else 0.0
+        if not dropped and not missing:
+            return
+        logger.warning(
+            "an averaging round of %d peers finished in part (%d groupmate(s) too slow to wait for, %.0f%% of this "
+            "peer's averaged values never came back): the peers now differ slightly, until the next state averaging",
+            group_size, dropped, 100 * missing,
+        )  # fmt: skip
+        if self.on_partial is not None:
+            self.on_partial(dropped, missing)

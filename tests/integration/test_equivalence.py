@@ -1,8 +1,10 @@
 """A 2-peer swarm and one process applying the same optimizer to the same global batches end with equal weights.
 
 This proves the averaging is *right*, not merely running: each peer records which of its micro-batches entered
-which global step; the reference replays exactly those batches (mean gradient over the global batch), using the same
-optimizer, clipping and schedule as the product.
+which global step; the reference replays exactly those batches, using the same optimizer, clipping and schedule as the
+product. The averaged gradient is each peer's mean gradient weighted by its samples, as the product counts a claimed
+weight: at most ``OUTLIER_FACTOR`` x the smaller one (``robust.voting_weights``). On a loaded machine one peer can
+contribute 7 of a step's 8 micro-batches; the plain mean over the global batch then differs from the product's.
 """
 
 import json
@@ -16,8 +18,9 @@ from safetensors.torch import load_file
 
 from peer.run.model import build_model
 from peer.swarm.optim import STATE_AVERAGING_EVERY, optimizer_factory, param_groups, scheduler_factory
+from peer.swarm.robust import sanitize_weight, voting_weights
 
-from .equivalence_worker import MANIFEST, make_batch
+from .equivalence_worker import BATCH_SIZE, MANIFEST, make_batch
 
 WORKER = Path(__file__).with_name("equivalence_worker.py")
 STEPS = STATE_AVERAGING_EVERY + 1  # crosses one parameter/optimizer-state averaging round
@@ -43,15 +46,25 @@ def reference(contributions: dict[int, list[tuple[int, int]]]) -> dict[str, torc
     opt = optimizer_factory(MANIFEST)(param_groups(model, MANIFEST.weight_decay))
     sched = scheduler_factory(MANIFEST)(opt)
     for epoch in range(STEPS):
-        batches = contributions[epoch]
-        grads = [torch.zeros_like(p) for p in model.parameters()]
-        for peer, k in batches:
-            model.zero_grad()
-            model(**make_batch(peer, k)).loss.backward()
-            for g, p in zip(grads, model.parameters(), strict=True):
-                g += p.grad
-        for g, p in zip(grads, model.parameters(), strict=True):
-            p.grad = g / len(batches)
+        peers = sorted({peer for peer, _ in contributions[epoch]})
+        means = {}  # each peer's mean gradient over its micro-batches of this step, as its averager sends it
+        for peer in peers:
+            batches = [k for p, k in contributions[epoch] if p == peer]
+            grads = [torch.zeros_like(p) for p in model.parameters()]
+            for k in batches:
+                model.zero_grad()
+                model(**make_batch(peer, k)).loss.backward()
+                for g, p in zip(grads, model.parameters(), strict=True):
+                    g += p.grad
+            means[peer] = [g / len(batches) for g in grads]
+        samples = [BATCH_SIZE * sum(p == peer for p, _ in contributions[epoch]) for peer in peers]
+        claimed = [sanitize_weight(n, MANIFEST.target_batch_size) for n in samples]
+        weights = voting_weights(torch.tensor(claimed, dtype=torch.float64))
+        if weights.tolist() != claimed:
+            print(f"step {epoch}: samples {samples} count as {weights.tolist()}")
+        coefficients = (weights / weights.sum()).tolist()
+        for i, p in enumerate(model.parameters()):
+            p.grad = sum(c * means[peer][i] for c, peer in zip(coefficients, peers, strict=True))
         opt.step()
         sched.step()
     return {name: p.detach() for name, p in model.named_parameters()}
@@ -85,7 +98,7 @@ def test_two_peer_swarm_matches_single_process(tmp_path):
     for epoch, batches in contributions.items():
         peers = {peer for peer, _ in batches}
         assert peers == {0, 1}, f"step {epoch} was not averaged across both peers: {batches}"
-        assert len(batches) * 4 >= MANIFEST.target_batch_size
+        assert len(batches) * BATCH_SIZE >= MANIFEST.target_batch_size
 
     expected = reference(contributions)
     initial = {n: p.detach() for n, p in build_model(MANIFEST.model, nsp=False, seed=0).named_parameters()}

@@ -5,7 +5,9 @@ One worker process (this module run with ``-m``, in a session of its own) starts
 scenario of ``SCENARIOS`` as one round of fresh averagers (own prefix); it prints one JSON line of measurements. The
 test SIGKILLs the worker's whole process group (DHTs, p2pd daemons, averager processes) when it is done.
 
-Each peer i averages ``g + z_i`` (1100 values in two tensors, g and z_i standard normal); peer 2 is Byzantine. Its
+Each peer i averages ``g + z_i`` (1100 values in two tensors, g and z_i standard normal); peer 2 is Byzantine (in the
+``stall`` scenario it is only slow: it stops sending mid-round for longer than the others wait for a next part, and
+every peer must then report the round as finished in part, ``robust.PartialRounds``). Its
 own shard is reduced by its own (honest) reducer: the attack is on what it sends. Distances are those of each honest
 peer's result from the mean of the 3 honest peers' tensors, in units of their spread s (RMS distance from that mean).
 Bound: 2.0 s for every robust rule. The clipped mean's bound (f/n)·(3·median part norm + |μ|) is about 1.6 s here
@@ -15,6 +17,7 @@ measured 0.38 s. The mean moves by 360–400 s.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -34,12 +37,14 @@ SCENARIOS = [
     ("centered-clip", "sign_flip"),
     ("mean", "sign_flip"),
     ("clipped-mean", "one_element"),
+    ("clipped-mean", "stall"),
 ]
 PEERS, MALICIOUS = 4, 2
 SHAPES = ((300,), (20, 40))
 PART_BYTES = 400  # 100-value parts: 11 parts over the 4 reducers (hivemind never splits a part between peers)
 EPS_SPREAD = 2.0
 WORKER_TIMEOUT = 100  # s; measured 15-25 s on 2 busy cores
+STALL_TIMEOUT, STALL_SECONDS = 1.0, 4.0  # stall: how long the others wait for a next part; how long peer 2 pauses
 
 
 # --- the worker (runs in its own process) -----------------------------------------------------------------------------
@@ -52,11 +57,18 @@ def _worker_classes():
     from peer.swarm.robust import RobustAllReduceRunner, RobustAveragingMixin
 
     class AttackingRunner(RobustAllReduceRunner):
-        """Sends every part it contributes to another peer's reducer attacked: x(−1000), or 1 element of 1e6."""
+        """Sends every part it contributes to another peer's reducer attacked: x(−1000), or 1 element of 1e6; or
+        (``stall``) unchanged, but pauses after the first part for longer than the reducers wait."""
 
         attack = "sign_flip"
 
         async def _generate_input_for_peer(self, peer_index: int):
+            if self.attack == "stall":
+                async for index, message in _aenumerate(super()._generate_input_for_peer(peer_index)):
+                    if index == 1:
+                        await asyncio.sleep(STALL_SECONDS)
+                    yield message
+                return
             async for message in super()._generate_input_for_peer(peer_index):
                 part = deserialize_torch_tensor(message.tensor_part)
                 part = -1000 * part if self.attack == "sign_flip" else part[:1] * 1e6
@@ -86,13 +98,25 @@ def _progress(message: str) -> None:
     sys.stderr.flush()
 
 
+async def _aenumerate(aiterable):
+    index = 0
+    async for item in aiterable:
+        yield index, item
+        index += 1
+
+
 def _one_round(averager_class, dhts, prefix: str, aggregation: str, attack: str, counts) -> dict:
     import torch
+
+    from peer.swarm.robust import PartialRounds
 
     gen = torch.Generator().manual_seed(0)
     signal_ = [torch.randn(shape, generator=gen) for shape in SHAPES]
     local = [[g + torch.randn(g.shape, generator=gen) for g in signal_] for _ in range(PEERS)]
     before = counts.counts()
+    partial = [PartialRounds() for _ in range(PEERS)]  # one per averager, made before it forks
+    # stall: the others give up on the slow sender's next part after STALL_TIMEOUT (hivemind: next_chunk_timeout)
+    timeouts = dict(next_chunk_timeout=STALL_TIMEOUT) if attack == "stall" else {}
     averagers = []
     try:
         for i, dht in enumerate(dhts):
@@ -111,7 +135,9 @@ def _one_round(averager_class, dhts, prefix: str, aggregation: str, attack: str,
                 part_size_bytes=PART_BYTES,
                 aggregation=aggregation,
                 on_reject=counts,
+                on_partial=partial[i],
                 attack=attack if i == MALICIOUS else None,
+                **timeouts,
             )
             averagers.append(averager)
         _progress(f"{prefix}: {aggregation}/{attack}: averagers started")
@@ -134,6 +160,7 @@ def _one_round(averager_class, dhts, prefix: str, aggregation: str, attack: str,
         distances=[(results[i] - mu).norm().item() / spread for i in honest],
         group_sizes=group_sizes,
         rejections={reason: after[reason] - before[reason] for reason in after},
+        partial=[counter.take() for counter in partial],
     )
 
 
@@ -209,6 +236,7 @@ def test_a_sign_flipping_peer_cannot_move_the_robust_average(rounds, aggregation
     assert result["group_sizes"] == [PEERS] * PEERS  # the attacker took part in the round
     assert max(result["distances"]) <= EPS_SPREAD, result
     assert sum(result["rejections"].values()) == 0  # plausible parts: the rule, not validation, stopped them
+    assert result["partial"] == [0] * PEERS  # every part of every peer was averaged by the whole group
 
 
 @pytest.mark.swarm
@@ -228,6 +256,16 @@ def test_a_one_element_part_is_rejected_and_counted_across_the_averager_processe
     # each honest peer's reducer (in its own averager process) rejected the attacker once; the attacker's own reducer
     # got its local part unattacked
     assert result["rejections"] == {"shape": PEERS - 1, "dtype": 0, "weight": 0, "non_finite": 0, "not_member": 0}
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(WORKER_TIMEOUT + 20)
+def test_a_round_that_dropped_a_slow_groupmate_is_reported_by_every_peer_as_partial(rounds):
+    """hivemind calls such a round a success; its peers end with different tensors. Each honest reducer dropped the
+    slow peer's parts, and the slow peer got none of those parts back: all 4 must say so."""
+    result = rounds["clipped-mean/stall"]
+    assert result["group_sizes"] == [PEERS] * PEERS, result
+    assert result["partial"] == [1] * PEERS, result
 
 
 if __name__ == "__main__":

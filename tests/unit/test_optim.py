@@ -10,12 +10,14 @@ from peer.run.manifest import from_config
 from peer.swarm.optim import (
     GRAD_COMPRESSIONS,
     Lamb,
+    SwarmOptimizer,
     grad_compression,
     is_finite_gradient,
     lr_lambda,
     optimizer_factory,
     param_groups,
 )
+from peer.swarm.robust import PartialRounds
 
 
 def manifest(**kw):
@@ -120,3 +122,62 @@ def test_every_hivemind_compression_decodes_what_it_sent(name, shape):
     decoded = deserialize_torch_tensor(averaging_pb2.AveragingData.FromString(wire).tensor_part)
     assert decoded.dtype == part.dtype and decoded.shape == part.shape
     assert (decoded - part).norm() <= WIRE_ERROR[name] * part.norm()
+
+
+class _FinishedRound:
+    """A gradient round's control as hivemind leaves it: done, with the gathered data of a group of 2."""
+
+    def __init__(self, error=None):
+        self.error = error
+
+    def cancelled(self):
+        return False
+
+    def done(self):
+        return True
+
+    def exception(self):
+        return self.error
+
+    def result(self):
+        return {"a": None, "b": None}
+
+
+def _bare_optimizer(rounds: list) -> SwarmOptimizer:
+    """Only what ``gradient_round_finished`` reads: no DHT, no averagers."""
+    opt = object.__new__(SwarmOptimizer)
+    opt._partial_rounds = PartialRounds()
+    opt._abandoned_grads = None
+    opt._on_round = lambda outcome, size, seconds: rounds.append((outcome, size))
+    return opt
+
+
+def test_a_round_the_averager_reported_as_partial_is_counted_partial_not_success():
+    rounds = []
+    opt = _bare_optimizer(rounds)
+    opt.gradient_round_finished(_FinishedRound(), 1.0)
+    opt._partial_rounds(1, 0.25)  # what the averager process does before it sets the round's result
+    opt.gradient_round_finished(_FinishedRound(), 1.0)
+    opt.gradient_round_finished(_FinishedRound(), 1.0)  # the report belonged to the round before: taken once
+    assert rounds == [("success", 2), ("partial", 2), ("success", 2)]
+
+
+def test_a_partial_report_left_by_a_round_that_then_failed_does_not_mark_the_next_one():
+    rounds = []
+    opt = _bare_optimizer(rounds)
+    opt._partial_rounds(1, 0.0)
+    opt.gradient_round_finished(_FinishedRound(error=TimeoutError()), 1.0)
+    opt.gradient_round_finished(_FinishedRound(), 1.0)
+    assert [outcome for outcome, _ in rounds] == ["failed", "success"]
+
+
+def test_partial_rounds_are_counted_across_a_fork():
+    import multiprocessing as mp
+
+    counter = PartialRounds()
+    child = mp.get_context("fork").Process(target=counter, args=(2, 0.5))
+    child.start()
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert counter.take() == 1
+    assert counter.take() == 0
