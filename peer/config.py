@@ -29,6 +29,7 @@ from peer.run.manifest import (
 from peer.run.presets import PRESET_NAMES
 from peer.swarm import addresses
 from peer.swarm.addresses import DEFAULT_LISTEN
+from peer.swarm.nat import NAT_MODES
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "lamb")
@@ -66,6 +67,12 @@ class PeerConfig:
     client_mode: bool = setting(
         "behind NAT/firewall: accept no inbound connections (you train and average through others)",
         default=False,
+        group="swarm",
+    )
+    nat: str = setting(
+        f"one of {', '.join(NAT_MODES)}; auto: join in client mode when every address this peer would announce is "
+        "private and a --join peer's is public (nobody could dial it); off: never switch by itself",
+        default="auto",
         group="swarm",
     )
     identity: str | None = setting(
@@ -227,6 +234,7 @@ class PeerConfig:
         _choice("--outer-compression", self.outer_compression, OUTER_COMPRESSIONS)
         _choice("--aggregation", self.aggregation, AGGREGATIONS)
         _choice("--log-format", self.log_format, LOG_FORMATS)
+        _choice("--nat", self.nat, NAT_MODES)
         if self.quiet and self.verbose:
             raise UserError("--quiet and --verbose contradict each other; pass one")
         _positive("inner_steps", self.inner_steps)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
-import ipaddress
 import math
 import os
 import re
@@ -43,8 +42,9 @@ from peer.config import PeerConfig
 from peer.errors import UserError
 from peer.run.manifest import DEFAULT_RUN_ID, ModelSection, RunManifest, from_config
 from peer.run.presets import PRESETS
-from peer.swarm import addresses
+from peer.swarm import addresses, nat
 from peer.swarm.addresses import DEFAULT_LISTEN
+from peer.swarm.nat import host_kind
 
 PROG = "bertswarm-peer doctor"
 DESCRIPTION = (
@@ -428,15 +428,6 @@ async def _probe(_dht, node, join_peers: list[str], timeout: float) -> Probe:
     return Probe([str(a) for a in visible], list(pings))
 
 
-def host_kind(maddr: str) -> str:
-    """``loopback``, ``private`` (LAN, NAT, CGNAT, link-local) or ``public``; a DNS name counts as public."""
-    protocol, host = addresses.parse(maddr, "address", need_peer_id=False)[0]
-    if protocol not in ("ip4", "ip6"):
-        return "loopback" if host == "localhost" else "public"
-    ip = ipaddress.ip_address(host)
-    return "loopback" if ip.is_loopback else "public" if ip.is_global else "private"
-
-
 def _without_peer_id(maddr: str) -> str:
     return maddr.split("/p2p/")[0]
 
@@ -467,8 +458,9 @@ def _listen_detail(cfg: PeerConfig, visible: list[str]) -> Check:
     asked = ", ".join(cfg.listen) or f"{DEFAULT_LISTEN} (default)"
     kinds = {host_kind(a) for a in visible}
     scope = "" if kinds - {"loopback"} else "; loopback only: peers on other machines cannot connect"
-    if cfg.client_mode:
-        scope = "; --client-mode: accepts no inbound connections"
+    reach = nat.plan(cfg.nat, cfg.client_mode, cfg.join, cfg.listen, cfg.announce)
+    if reach.client_mode:
+        scope = f"; {'behind NAT: client mode' if reach.automatic else '--client-mode'}: accepts no inbound connections"
     return ok("listen", f"bound {asked}, visible as {shown}{scope}")
 
 
@@ -476,9 +468,11 @@ def classify_dial_back(cfg: PeerConfig, probe: Probe) -> Check:
     """Whether the swarm can dial this node back: from the bootstrap peers' answers and the address classes of this
     node's visible addresses against theirs. What cannot be seen from here is said so."""
     bootstrap = [p for p in probe.pings[: len(cfg.join)] if not p.error]
-    if cfg.client_mode:
-        return ok("dial-back", "outbound only (--client-mode): peers never dial you; you train and average through "
-                  "reachable peers")  # fmt: skip
+    reach = nat.plan(cfg.nat, cfg.client_mode, cfg.join, cfg.listen, cfg.announce)
+    if reach.client_mode:
+        why = "behind NAT, so the peer joins in client mode (--nat auto)" if reach.automatic else "--client-mode"
+        return ok("dial-back", f"outbound only ({why}): peers never dial you; you train and average through reachable "
+                  "peers, as long as one of them is in your group")  # fmt: skip
     refused = [p.peer[:12] for p in bootstrap if not p.reached_back]
     if refused:
         return fail("dial-back", f"the bootstrap peer ({', '.join(refused)}) could not open a stream back to this node",
@@ -500,9 +494,9 @@ def classify_dial_back(cfg: PeerConfig, probe: Probe) -> Check:
                     "cannot dial you", "pass --listen /ip4/0.0.0.0/tcp/PORT --announce /ip4/<your ip>/tcp/PORT, or "
                     "--client-mode")  # fmt: skip
     return fail("dial-back", f"behind NAT: you announce private addresses only ({shown}) and the swarm is on the "
-                "internet, so peers there cannot dial you (bertswarm uses no libp2p relays)", "forward a TCP port to "
-                "this machine and pass --listen /ip4/0.0.0.0/tcp/PORT --announce /ip4/<public ip>/tcp/PORT, or pass "
-                "--client-mode")  # fmt: skip
+                "internet, so peers there cannot dial you", "forward a TCP port to this machine and pass --listen "
+                "/ip4/0.0.0.0/tcp/PORT --announce /ip4/<public ip>/tcp/PORT, or drop --nat off (the peer then joins "
+                "in client mode)")  # fmt: skip
 
 
 CLOCK_FIX = "synchronise this machine's clock (enable NTP, e.g. timedatectl set-ntp true)"

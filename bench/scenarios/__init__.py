@@ -17,6 +17,7 @@ NAMES = [
     "robust",
     "attack",
     "stopping",
+    "nat",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Start this peer's DHT node: identity file, listen/announce addresses, client mode, clear errors.
+"""Start this peer's DHT node: identity file, listen/announce addresses, client mode (asked for, or picked behind NAT:
+``nat.py``), clear errors.
 
 Failures of the p2p daemon that are the user's to fix (unreachable bootstrap peer, address in use, identity in use)
 become one-line ``UserError``s.
@@ -17,7 +18,7 @@ from hivemind.p2p import P2PDaemonError
 
 from peer.errors import UserError
 from peer.store.atomic import atomic_write_text
-from peer.swarm import hivemind_compat
+from peer.swarm import hivemind_compat, nat
 from peer.swarm import identity as peer_identity
 from peer.swarm.addresses import DEFAULT_LISTEN, JOIN_HINT
 from peer.swarm.hivemind_compat import keep_request_futures as keep_request_futures  # re-exported: used with stop_dht
@@ -32,6 +33,7 @@ class DhtSettings(Protocol):
     listen: list[str]
     announce: list[str]
     client_mode: bool
+    nat: str
     identity_path: Path
     startup_timeout: float
 
@@ -45,12 +47,15 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
     key, created = peer_identity.ensure_identity(identity)
     peer_identity.use_for_this_process(key)
     hivemind_compat.install()  # before the DHT process forks: it and its p2pd inherit the lifeline (swarm/lifeline.py)
+    reach = nat.plan(cfg.nat, cfg.client_mode, cfg.join, cfg.listen, cfg.announce)
+    if reach.automatic:
+        logger.info(reach.reason)
     try:
         return hivemind.DHT(
             initial_peers=list(cfg.join) or None,
             host_maddrs=list(cfg.listen) or [DEFAULT_LISTEN],
             announce_maddrs=list(cfg.announce) or None,
-            client_mode=cfg.client_mode,
+            client_mode=reach.client_mode,
             identity_path=str(identity),
             startup_timeout=cfg.startup_timeout,
             record_validators=[RSASignatureValidator(key), *record_validators],

@@ -139,12 +139,21 @@ def joining(host: str, **settings) -> PeerConfig:
     ],
 )
 def test_dial_back_classification(swarm_host, mine, status, words):
-    check = doctor.classify_dial_back(joining(swarm_host), probe(mine))
+    check = doctor.classify_dial_back(joining(swarm_host, nat="off"), probe(mine))
     assert check.status == status and words in check.detail, check
     if status == "ok" and "public" not in words:
         assert "cannot be checked without a public peer" in check.detail  # says what it cannot know
     if status == "fail":
-        assert "--client-mode" in check.fix and "--announce" in check.fix
+        assert "--announce" in check.fix and ("--client-mode" in check.fix or "--nat off" in check.fix), check.fix
+
+
+@pytest.mark.parametrize("listen", [[], ["/ip4/192.168.1.3/tcp/0"]])
+def test_behind_nat_the_peer_joins_in_client_mode_by_itself(listen):
+    """What nat.plan decides for the peer (--nat auto): the doctor says the same, and does not fail the peer."""
+    cfg = joining("8.8.8.8", listen=listen)
+    check = doctor.classify_dial_back(cfg, probe(["/ip4/127.0.0.1/tcp/5", "/ip4/192.168.1.3/tcp/5"]))
+    assert check.status == "ok" and "client mode (--nat auto)" in check.detail, check
+    assert "behind NAT: client mode" in doctor._listen_detail(cfg, ["/ip4/192.168.1.3/tcp/5"]).detail
 
 
 def test_dial_back_refused_and_client_mode():

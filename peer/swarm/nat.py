@@ -1,0 +1,107 @@
+"""Peers behind NAT: whether the swarm can dial this peer, and what it does when it cannot (``--nat``).
+
+A volunteer at home listens on a private address (192.168.x, 10.x, CGNAT) and reaches a swarm on the internet through
+address translation: its packets leave, but nobody out there can open a connection to the address it would announce.
+hivemind's answer is client mode: such a peer opens every connection itself, never leads a group and reduces no part
+of the all-reduce (its share is 0), so it sends its gradients to the groupmates that do and gets the averages back on
+the same streams. It trains and averages like any peer, with any other peer behind NAT too, as long as the group
+holds at least one peer that can be dialled (it does the reducing); it does not serve its state to joiners.
+
+``--nat auto`` (the default) picks client mode itself (:func:`plan`) when every address this peer would announce is
+private while a ``--join`` peer's is public; ``--nat off`` never does (a forwarded port: then pass ``--announce``
+with the public address, which ``auto`` also takes as dialable). ``--client-mode`` forces it.
+
+Why not libp2p relays, which p2pd has: measured with two masquerading home routers (``tests/integration/
+test_nat.py``'s topology), a relayed connection carries 128 KiB, then the relay resets it (its log: "relayed 131072
+bytes"). p2pd v0.5.0.hivemind1 (hivemind 1.1.12's) builds its relay service with 4 GiB / 30 min limits, but with
+``-relay=1`` its main also starts a second relay with go-libp2p's default resources (``Daemon.EnableRelayV2``:
+128 KiB and 2 minutes per relayed connection), and whichever registers the hop protocol last answers: the default one
+in all but a few starts. A round of the tiny preset moves 3 MB per peer each way, so every round through a relay
+finished in part (``robust.PartialRounds``: the other peer's parts never arrived) and state downloads failed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from peer.swarm import addresses
+from peer.swarm.addresses import DEFAULT_LISTEN
+
+NAT_MODES = ("auto", "off")
+# route lookups (UDP connect sends no packet) for a wildcard listen address when there is no --join peer to look up
+_ROUTE_PROBES = {"ip4": "192.0.2.1", "ip6": "2001:db8::1"}  # documentation addresses (RFC 5737, RFC 3849)
+
+
+@dataclass(frozen=True)
+class NatPlan:
+    client_mode: bool  # this peer opens every connection itself (hivemind's client mode)
+    automatic: bool  # client mode was picked here (--nat auto), not asked for (--client-mode)
+    reason: str  # why, for the log and the doctor
+
+
+def plan(mode: str, client_mode: bool, join: Sequence[str], listen: Sequence[str], announce: Sequence[str]) -> NatPlan:
+    """Client mode or not. ``--client-mode`` always is; in ``auto``, a peer is when none of the addresses it would
+    announce (``own_hosts``) is public while one of its ``--join`` peers' is: then it reaches the swarm through address
+    translation, and nobody there can dial the private addresses it would announce."""
+    if client_mode:
+        return NatPlan(True, False, "--client-mode: outbound connections only")
+    if mode == "off":
+        return NatPlan(False, False, "--nat off")
+    mine = own_hosts(listen, announce, join)
+    if any(kind == "public" for _, kind in mine):
+        shown = ", ".join(host for host, kind in mine if kind == "public")
+        return NatPlan(False, False, f"public address {shown}: the swarm dials this peer")
+    if any(host_kind(a) == "public" for a in join):
+        shown = ", ".join(host for host, _ in mine) or "none"
+        return NatPlan(True, True, f"behind NAT: this machine's addresses are private ({shown}) and the swarm is on "
+                       "the internet, so nobody there can dial it: joining in client mode (it trains and averages "
+                       "through the swarm's reachable peers, but serves no state). With a forwarded port, pass "
+                       "--announce /ip4/<public ip>/tcp/PORT; --nat off keeps it dialable")  # fmt: skip
+    return NatPlan(False, False, "no public address here or in --join: peers dial each other directly")
+
+
+def host_kind(maddr: str) -> str:
+    """``loopback``, ``private`` (LAN, NAT, CGNAT, link-local, documentation) or ``public``; a DNS name counts as
+    public."""
+    protocol, host = addresses.parse(maddr, "address", need_peer_id=False)[0]
+    if protocol not in ("ip4", "ip6"):
+        return "loopback" if host == "localhost" else "public"
+    return _ip_kind(ipaddress.ip_address(host))
+
+
+def _ip_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return "loopback" if ip.is_loopback else "public" if ip.is_global else "private"
+
+
+def own_hosts(listen: Sequence[str], announce: Sequence[str], join: Sequence[str]) -> list[tuple[str, str]]:
+    """``[(host, kind)]`` of the addresses others would be told to dial: the announced ones, else the listened-on
+    ones, where a wildcard (0.0.0.0, ::) stands for the local address of this machine's route towards each ``--join``
+    peer (or towards the internet without one): the address p2pd would announce for that interface."""
+    if announce:
+        return [(addresses.parse(a, "--announce", need_peer_id=False)[0][1], host_kind(a)) for a in announce]
+    hosts = []
+    for maddr in listen or [DEFAULT_LISTEN]:
+        protocol, host = addresses.parse(maddr, "--listen", need_peer_id=False)[0]
+        if protocol not in ("ip4", "ip6") or not ipaddress.ip_address(host).is_unspecified:
+            hosts.append((host, host_kind(maddr)))
+            continue
+        targets = [h for p, h in (addresses.parse(a, "--join", need_peer_id=False)[0] for a in join) if p == protocol]
+        for target in targets or [_ROUTE_PROBES[protocol]]:
+            source = route_source(target, socket.AF_INET if protocol == "ip4" else socket.AF_INET6)
+            if source is not None:
+                hosts.append((source, _ip_kind(ipaddress.ip_address(source))))
+    return sorted(set(hosts))
+
+
+def route_source(target: str, family: int) -> str | None:
+    """The local address this machine's routing table picks to reach ``target`` (no packet is sent), or None when
+    there is no route."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((target, 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return None

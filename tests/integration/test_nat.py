@@ -1,0 +1,139 @@
+"""Two peers behind two different NATs average with each other, through a public peer (issue 16).
+
+Three ``bertswarm-peer`` processes in network namespaces (``bench/netns.py``): a public peer that starts the run and
+two peers, each behind its own masquerading router, that cannot dial each other nor be dialled. Every peer runs with
+the default ``--nat auto`` and ``--listen /ip4/0.0.0.0/tcp/...``: the public peer finds its public address; the
+private peers find that they reach a public swarm from private addresses and join in client mode by themselves
+(``peer/swarm/nat.py``). They pass when all three average in the same groups of 3, every round complete (none
+``partial``: a groupmate's parts lost on the way), and hold the same weights after the same step, while the routers'
+counters show each home network sent its share of the rounds to the public peer and nothing to the other home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import netns
+from peer.localswarm import LocalPeer
+
+from .conftest import FAST
+
+pytestmark = pytest.mark.swarm
+
+METRICS_PORT = 9464  # each peer has a namespace of its own: no collisions
+SUCCESS, PARTIAL = 'outcome="success"', 'outcome="partial"'
+FINGERPRINT_TOLERANCE = 1e-6  # relative; equal weights up to the rounding of compressed parts
+
+
+class NsPeer(LocalPeer):
+    """A ``LocalPeer`` whose process runs inside a network namespace; its metrics are read from inside it.
+
+    ``LocalPeer`` runs ``sys.executable -m peer ...``; here that executable is a two-line script that execs the
+    interpreter through ``ip netns exec`` (which execs in turn: the peer keeps the pid and process group that
+    ``LocalPeer`` signals and reaps)."""
+
+    def __init__(self, name: str, topo: netns.NatTopology, workdir: Path, args: list[str], env: dict):
+        self.ns_prefix = topo.prefix(name)
+        launcher = workdir / f"{name}-python"
+        launcher.write_text(f'#!/bin/sh\nexec {" ".join(self.ns_prefix)} {sys.executable} "$@"\n')
+        launcher.chmod(0o755)
+        real_executable, sys.executable = sys.executable, str(launcher)
+        try:
+            super().__init__(name, workdir, args, env=env)
+        finally:
+            sys.executable = real_executable
+
+    def metric(self, name: str, labels: str = "") -> float:
+        fetch = f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{METRICS_PORT}/metrics', timeout=3)" \
+                ".read().decode())"  # fmt: skip
+        done = subprocess.run([*self.ns_prefix, sys.executable, "-c", fetch], capture_output=True, text=True,
+                              timeout=10)  # fmt: skip
+        if done.returncode:
+            raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no metrics yet")
+        pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+|NaN)"
+        match = re.search(r"^" + pattern + r"$", done.stdout, re.MULTILINE)
+        if match is None:
+            raise KeyError(f"{name}{{{labels}}} not in metrics of {self.name}")
+        return float(match.group(1))
+
+
+def _fingerprints(path: Path) -> dict[int, list[float]]:
+    if not path.exists():
+        return {}
+    return {line["epoch"]: line["fp"] for line in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.mark.timeout(180)
+def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_corpus):
+    reason = netns.unavailable()
+    if reason:
+        if os.environ.get("CI") == "true":  # CI runs as root with nftables installed (.ci/run): this must run there
+            pytest.fail(f"the NAT test cannot run in CI: {reason}")
+        pytest.skip(reason)
+    common = [*FAST, "--data", str(small_corpus), "--metrics-port", str(METRICS_PORT)]
+    peers: list[NsPeer] = []
+    with netns.NatTopology() as topo:
+        try:
+            # the premise: each private peer reaches the public one, nobody reaches a private one
+            for src, dst, can in (("a", "pub", True), ("b", "pub", True), ("a", "b", False), ("b", "a", False),
+                                  ("pub", "a", False), ("pub", "b", False)):  # fmt: skip
+                assert topo.can_connect(src, topo.host_ip(dst), 7000) == can, f"{src} -> {dst}: expected {can}"
+
+            started = time.monotonic()
+            watch = {name: {"BERTSWARM_TEST_WATCH_DIR": str(tmp_path / f"{name}.watch")} for name in ("pub", "a", "b")}
+            pub = NsPeer("pub", topo, tmp_path, [*common, "--listen", f"/ip4/{topo.PUBLIC_IP}/tcp/31337"],
+                         env=watch["pub"])  # fmt: skip
+            peers.append(pub)
+            join = pub.wait_for_join_address(60)
+            for name in ("a", "b"):
+                peers.append(NsPeer(name, topo, tmp_path, [*common, "--listen", "/ip4/0.0.0.0/tcp/0", "--join", join],
+                                    env=watch[name]))  # fmt: skip
+
+            deadline = time.monotonic() + 120
+            rounds = {}
+            while time.monotonic() < deadline:
+                for p in peers:
+                    assert p.alive(), f"{p.name} exited with {p.proc.poll()}:\n{p.log_tail()}"
+                try:
+                    rounds = {p.name: p.metric("bertswarm_peer_averaging_rounds_total", SUCCESS) for p in peers}
+                except (OSError, KeyError):
+                    rounds = {}
+                if rounds and min(rounds.values()) >= 3:
+                    break
+                time.sleep(1.0)
+            logs = "\n".join(f"--- {p.name}\n{p.log_tail(20)}" for p in peers)
+            assert rounds and min(rounds.values()) >= 3, f"the peers did not average 3 times: {rounds}\n{logs}"
+            elapsed = time.monotonic() - started
+            partial = {p.name: p.metric("bertswarm_peer_averaging_rounds_total", PARTIAL) for p in peers}
+            assert set(partial.values()) == {0.0}, f"rounds that lost a groupmate's parts: {partial}\n{logs}"
+            sizes = {p.name: p.metric("bertswarm_peer_averaging_group_size") for p in peers}
+            assert sizes == {"pub": 3.0, "a": 3.0, "b": 3.0}, f"the last groups: {sizes}\n{logs}"
+            for p in peers[1:]:
+                assert "joining in client mode" in p.log_path.read_text(), f"{p.name} did not say it is behind NAT"
+            assert "client mode" not in pub.log_path.read_text()
+
+            # a round hands every peer the same averaged gradient: the same weights after the same step
+            prints = [_fingerprints(tmp_path / f"{p.name}.watch" / "fingerprints.jsonl") for p in peers]
+            common_steps = sorted(set(prints[0]) & set(prints[1]) & set(prints[2]))
+            assert common_steps, f"no step that all three peers took: {prints}"
+            step = common_steps[-1]
+            for other in prints[1:]:
+                assert other[step] == pytest.approx(prints[0][step], rel=FINGERPRINT_TOLERANCE), (step, prints)
+
+            # each home network sent its share of every round (half of its 6 MB of fp32 gradients, and more: the
+            # public peer reduces every part) to the public peer, and not one packet to the other home network
+            sent = {r: topo.sent_bytes(r) for r in ("r1", "r2")}
+            assert all(s["to_public"] > 3 * 3_000_000 and s["to_others"] == 0 for s in sent.values()), sent
+            print(f"peers behind NAT averaged {rounds} times in groups of 3 within {elapsed:.0f} s of the public "
+                  f"peer's start; bytes sent out of each home network: {sent}")  # fmt: skip
+        finally:
+            for p in peers:
+                p.stop(timeout=15)
