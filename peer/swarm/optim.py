@@ -212,6 +212,8 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         self._on_round = on_round or (lambda outcome, size, seconds: None)
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         self._partial_rounds = partial_rounds if partial_rounds is not None else PartialRounds()
+        self._after_state_load = False  # the next gradient round is this peer's first since it loaded the state
+        self._resync = False  # that round failed: load the state again before the next step (see step)
         self.skipped_nonfinite_steps = 0
         guards.share_rejection_counter()  # before hivemind forks its averagers
         hivemind_compat.install()  # likewise: the forked averagers keep the (finite-only, NumPy 2.4-fixed) hivemind
@@ -326,10 +328,26 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         records = found.value if found is not None else None
         return guards.others_left(records, self.dht.peer_id.to_bytes(), get_dht_time())
 
+    def step(self, *args, **kwargs):
+        """hivemind's step, except after a failed first round since a state load (``_note_first_round``): then this
+        call waits until the others have finished the round this peer missed, loads their state, and drops this
+        micro-batch's gradients (as hivemind does when it finds a peer out of sync)."""
+        if self._resync:
+            self._resync = False
+            deadline = time.monotonic() + self.averaging_timeout
+            while self.tracker.global_epoch < self.local_epoch and time.monotonic() < deadline:
+                time.sleep(0.2)
+            logger.warning("this peer's first averaging round after loading the state missed the swarm's round; "
+                           "loading the state again so as not to train on apart from the others")  # fmt: skip
+            self.load_state_from_peers()
+            return None
+        return super().step(*args, **kwargs)
+
     def load_state_from_peers(self, **kwargs):
         started, epoch_before = time.perf_counter(), self.local_epoch
         super().load_state_from_peers(**kwargs)
         if self.local_epoch > epoch_before or self.local_epoch >= self.tracker.global_epoch - 1:
+            self._after_state_load = True
             self._failed_state_loads = 0
             self._on_state_loaded(time.perf_counter() - started)
             return
@@ -345,15 +363,21 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
     def gradient_round_finished(self, control, seconds: float) -> None:
         partial = self._partial_rounds.take()  # this round's report (the averager reported it before the result)
         if control is None:
+            self._note_first_round("solo")
             self._on_round("solo", 1, seconds)
         elif control is self._abandoned_grads:  # the others left while it waited for them (_watch_departures)
             self._abandoned_grads = None
+            self._note_first_round("solo")
             self._on_round("solo", 1, seconds)
         elif control.cancelled():  # this peer is leaving (see cancel_matchmaking)
+            self._note_first_round("leaving")
             self._on_round("failed", 1, seconds)
         elif control.done() and control.exception() is None:
-            self._on_round("partial" if partial else "success", len(control.result()), seconds)
+            outcome = "partial" if partial else "success"
+            self._note_first_round(outcome)
+            self._on_round(outcome, len(control.result()), seconds)
         else:
+            self._note_first_round("failed")
             self._on_round("failed", 1, seconds)
             logger.warning(
                 "gradient averaging round failed; stepped with local gradients. If this repeats, raise "
@@ -362,8 +386,18 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
 
     def gradients_not_averaged(self) -> None:  # hivemind steps with local gradients and never calls the hook above
         self._partial_rounds.take()
-        alone = self.tracker.global_progress.num_peers <= 1
-        self._on_round("solo" if alone else "failed", 1, 0.0)
+        outcome = "solo" if self.tracker.global_progress.num_peers <= 1 else "failed"
+        self._note_first_round(outcome)
+        self._on_round(outcome, 1, 0.0)
+
+    def _note_first_round(self, outcome: str) -> None:
+        """A joiner's first round after loading the state can miss the others' round: their progress records said
+        the round was due (they were in it), so this peer stepped at once and found no group to join. hivemind then
+        steps with the local gradients: this peer would train on one step apart from the swarm until the next state
+        averaging round. The next ``step`` loads the state again instead (bench scenario 14; the NAT test)."""
+        if self._after_state_load and outcome == "failed":
+            self._resync = True
+        self._after_state_load = False
 
 
 def make_optimizer(

@@ -511,7 +511,7 @@ class RobustAveragingMixin:
             return
         logger.warning(
             "an averaging round of %d peers finished in part (%d groupmate(s) too slow to wait for, %.0f%% of this "
-            "peer's averaged values never came back): the peers now differ slightly, until the next state averaging",
+            "peer's averaged values never came back): the group's peers now hold slightly different values",
             group_size, dropped, 100 * missing,
         )  # fmt: skip
         if self.on_partial is not None:

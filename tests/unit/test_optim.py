@@ -143,11 +143,17 @@ class _FinishedRound:
         return {"a": None, "b": None}
 
 
+class _BareOptimizer(SwarmOptimizer):
+    def __del__(self):  # nothing was started
+        pass
+
+
 def _bare_optimizer(rounds: list) -> SwarmOptimizer:
     """Only what ``gradient_round_finished`` reads: no DHT, no averagers."""
-    opt = object.__new__(SwarmOptimizer)
+    opt = object.__new__(_BareOptimizer)
     opt._partial_rounds = PartialRounds()
     opt._abandoned_grads = None
+    opt._after_state_load = opt._resync = False
     opt._on_round = lambda outcome, size, seconds: rounds.append((outcome, size))
     return opt
 
@@ -181,3 +187,26 @@ def test_partial_rounds_are_counted_across_a_fork():
     assert child.exitcode == 0
     assert counter.take() == 1
     assert counter.take() == 0
+
+
+def test_a_failed_first_round_after_a_state_load_loads_the_state_again():
+    """A joiner's first round can miss the others' round (bench scenario 14, the NAT test): it must not train on one
+    step apart from them; its next step waits for their round, loads their state and drops its micro-batch."""
+    from types import SimpleNamespace
+
+    rounds, loads = [], []
+    opt = _bare_optimizer(rounds)
+    opt.state_averager = SimpleNamespace(local_epoch=4)  # after its own (local) step 3 -> 4
+    opt.tracker = SimpleNamespace(global_epoch=4)  # the others have finished their round 3 -> 4
+    opt.averaging_timeout = 1.0
+    opt.load_state_from_peers = lambda: loads.append(opt.local_epoch)
+
+    opt._after_state_load = True
+    opt.gradient_round_finished(_FinishedRound(), 1.0)  # a first round that succeeded: nothing to do
+    assert not opt._resync
+    opt.gradient_round_finished(_FinishedRound(error=TimeoutError()), 1.0)  # a failed round, not the first
+    assert not opt._resync
+    opt._after_state_load = True
+    opt.gradient_round_finished(_FinishedRound(error=TimeoutError()), 1.0)
+    assert opt._resync
+    assert opt.step() is None and loads == [4] and not opt._resync
