@@ -49,18 +49,33 @@ from peer.telemetry import OUTER_ROUND_OUTCOMES, ROUND_OUTCOMES, PeerTelemetry
 
 logger = logging.getLogger(__name__)
 
-STEP_DEADLINE = 6.0  # seconds the current step may still take after SIGINT/SIGTERM; saving and leaving take ~1 s
+STEP_DEADLINE = 6.0  # seconds the current step may still take after SIGINT/SIGTERM; saving and leaving take 1-2 s
+# how long the deadline waits, at most, for an optimizer step being applied (``StopSignal.hold``): a plain step takes
+# well under a second; one that also averages parameters with the swarm (every 10th) can take longer, and is then cut
+STEP_APPLY_GRACE = 2.0
 LEAVE_DEADLINE = 3.0  # seconds a leaving peer waits for the DHT to store its goodbye (withdrawn progress record)
 REPUBLISH_EVERY = records.MANIFEST_TTL / 3
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set an event the loop checks between steps; a second signal interrupts at once."""
+    """SIGINT/SIGTERM set an event the loop checks between steps; a second signal interrupts at once.
+
+    A step still running ``STEP_DEADLINE`` seconds after the first signal is interrupted (``KeyboardInterrupt`` in the
+    main thread, by a SIGINT to this process): typically a gradient averaging round still exchanging tensors on a slow
+    link, which cannot be cancelled without failing it for the group. The optimizer then abandons that step (no
+    optimizer step, the state stays at the step before: ``hivemind_compat.HookedOptimizer``) and drops the round when
+    it shuts down, and the peer saves and leaves. While ``hold()`` is true (the optimizer is applying a step, whose
+    parts must not be left half-done) the deadline waits, up to ``STEP_APPLY_GRACE`` seconds more."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.pid = os.getpid()
         self.on_stop: list = []  # called from the handler on the first signal; must be quick
+        self.hold = lambda: False  # true while the deadline's interrupt must wait (see the class docstring)
+        self._deadline: threading.Timer | None = None
+        self._deadline_due = False  # the next SIGINT is the deadline's, not the user's
+        self._held_until = 0.0
+        self._deadline_off = False
 
     def install(self) -> StopSignal:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -74,18 +89,33 @@ class StopSignal:
             os.kill(os.getpid(), signum)
             return
         if self.event.is_set():
+            deadline, self._deadline_due = self._deadline_due, False
+            if deadline and self._deadline_off:
+                return  # the deadline's timer fired just as the step ended: nothing left to interrupt
+            if deadline and time.monotonic() < self._held_until and self.hold():
+                self._arm(0.05)  # an optimizer step is being applied: interrupt once it is done
+                return
             raise KeyboardInterrupt
         logger.info("received %s: finishing the current step, saving state and leaving", signal.Signals(signum).name)
         self.event.set()
         for callback in self.on_stop:
             callback()
         # a round that is already exchanging tensors cannot be cancelled; if it outlives the deadline, interrupt it
-        self._deadline = threading.Timer(STEP_DEADLINE, os.kill, (self.pid, signal.SIGINT))
+        self._held_until = time.monotonic() + STEP_DEADLINE + STEP_APPLY_GRACE
+        self._arm(STEP_DEADLINE)
+
+    def _arm(self, seconds: float) -> None:
+        self._deadline = threading.Timer(seconds, self._interrupt)
         self._deadline.daemon = True
         self._deadline.start()
 
+    def _interrupt(self) -> None:  # the deadline's timer thread
+        self._deadline_due = True
+        os.kill(self.pid, signal.SIGINT)
+
     def cancel_deadline(self) -> None:
-        if getattr(self, "_deadline", None) is not None:
+        self._deadline_off = True
+        if self._deadline is not None:
             self._deadline.cancel()
 
     def is_set(self) -> bool:
@@ -317,9 +347,10 @@ class Trainer:
         except KeyboardInterrupt:
             if not stop.is_set():
                 raise
-            logger.warning(
-                "the averaging round did not finish within %.0fs of the stop signal; leaving without it", STEP_DEADLINE
-            )
+            # the step was abandoned where it stood; interrupted in its gradient round (the usual case) or before,
+            # none of it was applied (HookedOptimizer), so the state saved on the way out is the last completed step's
+            logger.warning("the step did not finish within %.0fs of the stop signal; leaving without it (state stays "
+                           "at step %d)", STEP_DEADLINE, self.opt.local_epoch)  # fmt: skip
         finally:
             stop.cancel_deadline()
 
@@ -481,6 +512,7 @@ def run(cfg: PeerConfig, explicit: set[str], out=sys.stdout) -> None:
         trainer.hooks.install(trainer)
         stop.install()  # hivemind's averagers set SIGINT to SIG_IGN in this process when they start; undo that
         stop.on_stop.append(trainer.opt.cancel_matchmaking)
+        stop.hold = lambda: getattr(trainer.opt, "applying_step", False)  # DiLoCo's optimizer has no such stretch
         trainer.sync_with_swarm(timeout=cfg.startup_timeout)
         trainer.train(stop)
     finally:

@@ -18,6 +18,9 @@ own session as a service manager would start it:
    repetitions apply to figure 1).
 
 Needs root for figure 1 (network namespaces); without it that figure is skipped with the reason and figure 2 runs.
+``BENCH_STOPPING_FIGURES=1`` (or ``2``) runs only that figure, e.g. to re-measure figure 1 after a change of the stop
+path (``python -m bench --only stopping --results DIR``: the result then lacks the other figure, so keep it out of
+``bench/results/``); the default runs both.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ BAD_LINE = re.compile(r"ERROR|Traceback")
 SHUTDOWN_WORDS = (
     "received SIGTERM",
     "did not finish",
+    "dropped the gradient averaging round",
     "saved local state",
     "leaving at step",
     "left the swarm",
@@ -416,11 +420,28 @@ def build_rows(stops: list[dict], rounds: dict | None) -> list[dict]:
     return rows
 
 
+FIGURES_ENV = "BENCH_STOPPING_FIGURES"
+
+
+def selected_figures() -> set[int]:
+    """The figures ``BENCH_STOPPING_FIGURES`` names (comma-separated: ``1``, ``2``); unset or empty: both."""
+    value = os.environ.get(FIGURES_ENV, "").strip()
+    if not value:
+        return {1, 2}
+    figures = {part.strip() for part in value.split(",") if part.strip()}
+    if not figures or not figures <= {"1", "2"}:
+        raise ValueError(f"{FIGURES_ENV}={value!r}: name figures 1 and/or 2, comma-separated")
+    return {int(figure) for figure in figures}
+
+
 def run(workdir, reps: int, quick: bool) -> dict:
     workdir = Path(workdir)
     notes, raw = [], {"stops": [], "rounds": None}
+    figures = selected_figures()
     reason = slowlink.unavailable()
-    if reason:
+    if 1 not in figures:
+        notes.append(f"Figure 1 not run ({FIGURES_ENV}={os.environ[FIGURES_ENV]}).")
+    elif reason:
         notes.append(f"Figure 1 skipped: {reason}.")
     else:
         with slowlink.Link() as link:
@@ -432,16 +453,34 @@ def run(workdir, reps: int, quick: bool) -> dict:
                     raw["stops"].append({"error": str(e)[-3000:]})
     minutes = ROUNDS_MINUTES_QUICK if quick else ROUNDS_MINUTES
     tiny = PRESETS["tiny"]
-    try:
-        raw["rounds"] = rounds_after_join(workdir, minutes)
-    except RuntimeError as e:
-        raw["rounds"] = {"error": str(e)[-3000:]}
+    if 2 not in figures:
+        notes.append(f"Figure 2 not run ({FIGURES_ENV}={os.environ[FIGURES_ENV]}).")
+    else:
+        try:
+            raw["rounds"] = rounds_after_join(workdir, minutes)
+        except RuntimeError as e:
+            raw["rounds"] = {"error": str(e)[-3000:]}
     failed = [s["error"].splitlines()[0] for s in raw["stops"] if "error" in s]
     if failed:
         notes.append(f"Figure 1: {len(failed)} of {reps} repetitions failed before the signal: {'; '.join(failed)}.")
-    if "error" in raw["rounds"]:
+    if raw["rounds"] is not None and "error" in raw["rounds"]:
         notes.append(f"Figure 2 failed: {raw['rounds']['error'].splitlines()[0]}.")
-    notes += [
+    notes += [note for figure, note in enumerate(_figure_notes(tiny), start=1) if figure in figures]
+    return {
+        "config": {
+            "mbit": MBIT,
+            "stop_peer_args": STOP_PEER_ARGS,
+            "rounds_minutes": minutes,
+            "figures": sorted(figures),
+        },
+        "rows": build_rows(raw["stops"], raw["rounds"]),
+        "raw": raw,
+        "notes": notes,
+    }
+
+
+def _figure_notes(tiny) -> list[str]:
+    return [
         f"Figure 1: mini preset (5.5M parameters, 22 MB of fp32 gradients per round), batch 8 × 64 tokens, global "
         f"batch 64, 1 thread per peer, `--save-every 0` (the state is saved only on the way out); {MBIT} Mbit/s tbf "
         "(burst 64 kB, latency 100 ms) on both veth ends. The signal goes to the peer's process group "
@@ -455,9 +494,3 @@ def run(workdir, reps: int, quick: bool) -> dict:
         "downloaded or first sample contributed) for the stated minutes, from both peers' "
         f"`{ROUNDS_METRIC}{{outcome}}`. One run; the repetitions apply to figure 1.",
     ]
-    return {
-        "config": {"mbit": MBIT, "stop_peer_args": STOP_PEER_ARGS, "rounds_minutes": minutes},
-        "rows": build_rows(raw["stops"], raw["rounds"]),
-        "raw": raw,
-        "notes": notes,
-    }

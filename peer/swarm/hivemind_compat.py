@@ -8,9 +8,11 @@ adapt, rerun the unit and integration tests, then add the version.
 - ``install()``: the patches, once per process, before hivemind forks an averager (forked processes inherit them):
   the 8-bit decoders fixed for NumPy >= 2.4, the finite-only reducer of ``peer.swarm.guards`` in the all-reduce, and
   ``peer.swarm.lifeline`` (hivemind's helper processes and p2pd die with their parent; hivemind 1.1.12 leaves them
-  running after a crash).
+  running after a crash), and ``shutdown_averager`` (an averager shut down during a round stops it and frees its
+  tensors; hivemind 1.1.12's fails there with a traceback).
 - ``HookedOptimizer`` / ``FilteredProgressTracker``: hivemind subclasses that turn the private steps bertswarm needs
-  into public hooks (``peer.swarm.optim.SwarmOptimizer`` and ``peer.swarm.guards.BoundedProgressTracker`` use them).
+  into public hooks (``peer.swarm.optim.SwarmOptimizer`` and ``peer.swarm.guards.BoundedProgressTracker`` use them);
+  an interrupted step is abandoned instead of finished with the local gradients.
 - ``PseudoGradientAverager`` / ``OuterStateAverager``: the averagers of ``--mode diloco`` (``peer.swarm.diloco``), with
   hivemind's per-class RPC handler cache reset, a consistent state snapshot for joiners, and
   ``expect_group_size`` (a group forms as soon as the peers known to be at the boundary have joined, instead of after
@@ -67,7 +69,7 @@ def install() -> None:
     from peer.swarm import lifeline
 
     lifeline.install()  # helpers and p2pd die with this process, which leaves if one is killed (see its docstring)
-    from hivemind.averaging import allreduce
+    from hivemind.averaging import DecentralizedAverager, allreduce
     from hivemind.compression.quantization import BlockwiseQuantization, Quantization
 
     from peer.swarm.guards import FiniteTensorPartReducer
@@ -78,6 +80,8 @@ def install() -> None:
     # hivemind's AllReduceRunner builds its reducer from this module global; every averager forked after this call
     # (gradients and state) averages finite parts only
     allreduce.TensorPartReducer = FiniteTensorPartReducer
+    # every averager: its shutdown drops a round still exchanging tensors (hivemind 1.1.12's fails there)
+    DecentralizedAverager._shutdown = shutdown_averager
     _route_logs()
     _installed = True
 
@@ -137,6 +141,41 @@ def _extract_blockwise(self, serialized_tensor):
     return result.to(getattr(torch, serialized_tensor.dtype)).requires_grad_(serialized_tensor.requires_grad)
 
 
+async def shutdown_averager(self, timeout: float | None) -> None:
+    """hivemind 1.1.12's ``DecentralizedAverager._shutdown`` (it runs in the averager's process, last thing before the
+    process ends), fixed for rounds still running. hivemind's calls ``finalize`` on the values of ``_running_groups``,
+    which are futures *of* ``AllReduceRunner`` objects, not runners: an ``AttributeError`` traceback, and the process
+    then ended in the middle of the round, still holding ``lock_averaged_tensors`` (shared with the parent process,
+    which could never take it again).
+
+    Here the tasks that run rounds (``_step``) are cancelled instead, and the process waits (at most ``timeout``) until
+    every running group has unwound: the all-reduce stops and the groupmates' streams are closed (they go on with the
+    parts they have, as after any departure). A round that was waiting for the tensors' lock takes it in a worker
+    thread, which a cancellation does not stop, once the round before it lets go; what this process still holds then
+    is given back. The caller cancels a round's ``StepControl`` first (``SwarmOptimizer.shutdown``): a cancelled round
+    ends without retrying and without logging an error; one not cancelled logs hivemind's one-line "retrying" warning,
+    and the process ends anyway."""
+    import asyncio
+
+    if not self.client_mode:
+        await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+    current = asyncio.current_task()
+    rounds = [t for t in asyncio.all_tasks() if t is not current and getattr(t.get_coro(), "__name__", "") == "_step"]
+    if not rounds and not self._running_groups:
+        return
+    for task in rounds:
+        task.cancel()
+    deadline = time.monotonic() + (timeout if timeout is not None else 5.0)
+    while self._running_groups and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    lock, quiet_since = self.lock_averaged_tensors, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.2:
+        if lock._semlock._count() > 0:  # taken in this process (any thread), by a round that no longer runs
+            lock.release()
+            quiet_since = time.monotonic()
+        await asyncio.sleep(0.01)
+
+
 # --- hivemind subclasses with public hooks (built on first access) --------------------------------------------------
 
 
@@ -152,11 +191,27 @@ def _build_hooked_optimizer():
           its ``StepControl`` (None: hivemind averaged alone, without a round) and the round's duration;
         - ``gradients_not_averaged()``: hivemind did not begin a round and steps with the local gradients; it then never
           calls the hook above.
+
+        And one change of behaviour: a ``KeyboardInterrupt`` while the step waits for its gradient round (the
+        trainer's stop deadline, or a second Ctrl-C) abandons the step. hivemind 1.1.12 caught it there and went on
+        with the local gradients, and to load them it waited for the gradient averager's tensors, which the averager
+        process holds until the all-reduce ends: the interrupt was swallowed, the peer waited out the whole round,
+        then applied its *local* gradients as the step (scenario 14 in ``bench/findings.md``). Now the interrupt
+        propagates: no optimizer step is taken, the epoch stays, the model and optimizer state stay at the step
+        before (what ``state_dict`` and the model then hold: a consistent state to save), the accumulated gradients
+        are discarded with the process, and the round, still running in the averager process, is kept in
+        ``interrupted_round`` so that ``shutdown`` can drop it instead of waiting for it. ``gradient_round_finished``
+        is not called for it. ``applying_step`` is True from the moment the round's outcome is in hand until hivemind
+        has applied the step (the optimizer step, the parameters copied into the model, the epoch): an interrupt
+        inside that stretch would leave them out of step with each other, so the trainer holds its deadline back
+        while it is set.
         """
 
         progress_tracker_class = None
         state_averager_class = None
         state_averager_options: dict = {}  # noqa: RUF012 - read only
+        interrupted_round = None  # the gradient round's StepControl whose step a KeyboardInterrupt abandoned
+        applying_step = False
 
         def gradient_round_finished(self, control, seconds: float) -> None:
             pass
@@ -200,9 +255,38 @@ def _build_hooked_optimizer():
             )
 
         def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+            """hivemind 1.1.12's, except that a ``KeyboardInterrupt`` abandons the step (see the class docstring)
+            instead of falling back to the local gradients, and with the ``gradient_round_finished`` hook."""
+            assert self.use_gradient_averaging and maybe_step_control is None or maybe_step_control.triggered
             started = time.perf_counter()
-            super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+            averaged_gradients = False
+            try:
+                if maybe_step_control is not None:
+                    group_info = maybe_step_control.result(self.averaging_timeout)
+                    self.applying_step = True
+                    _hivemind_logger().log(self.status_loglevel, f"Averaged gradients with {len(group_info)} peers")
+                    self._load_averaged_gradients_into_optimizer_()
+                    averaged_gradients = True
+                else:
+                    _hivemind_logger().log(self.status_loglevel, "Skipped averaging: there are no other peers")
+            except KeyboardInterrupt:
+                # nothing was applied (the optimizer's .grad buffers may hold a partly loaded average, used by no
+                # step); the round goes on in the averager process until shutdown drops it
+                self.interrupted_round = maybe_step_control
+                self.applying_step = False
+                raise
+            except BaseException as e:
+                _hivemind_logger().log(self.status_loglevel, f"Averaging gradients failed with {e!r}")
+            self.applying_step = True
+            if not averaged_gradients:
+                self._load_local_gradients_into_optimizer()
             self.gradient_round_finished(maybe_step_control, time.perf_counter() - started)
+
+        def _update_global_epoch(self, grad_scaler) -> None:
+            try:
+                super()._update_global_epoch(grad_scaler)
+            finally:
+                self.applying_step = False
 
         def _begin_averaging_gradients(self, grad_scaler) -> bool:
             began = super()._begin_averaging_gradients(grad_scaler)
@@ -211,6 +295,11 @@ def _build_hooked_optimizer():
             return began
 
     return HookedOptimizer
+
+
+def _hivemind_logger() -> logging.Logger:
+    """The logger of ``hivemind.optim.optimizer``, whose lines the copies of its methods here write."""
+    return logging.getLogger("hivemind.optim.optimizer")
 
 
 def _build_filtered_progress_tracker():

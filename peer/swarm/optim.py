@@ -287,6 +287,17 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
             control = getattr(self, name, None)
             if control is not None and control.done():
                 setattr(self, name, None)
+        # A gradient round whose step an interrupt abandoned (the trainer's stop deadline; see HookedOptimizer) is
+        # dropped, not waited for: hivemind would "tag along" until it ends (a whole all-reduce on a slow link), for
+        # a result this peer no longer uses. Cancelled here, it ends without retrying or an error in the averager
+        # process, whose shutdown then stops the exchange (hivemind_compat.shutdown_averager); the groupmates go on
+        # with the parts they have, as when a peer crashes mid-round.
+        dropped = getattr(self, "interrupted_round", None)
+        if dropped is not None and dropped is getattr(self, "scheduled_grads", None):
+            self.scheduled_grads = None
+            if not dropped.done():
+                dropped.cancel()
+            logger.info("dropped the gradient averaging round of the interrupted step")
         super().shutdown()
 
     def _rounds_looking_for_group(self) -> list:
