@@ -506,6 +506,7 @@ def configure_logging() -> None:
     logging.getLogger("hivemind.dht.dht").addFilter(drop_orphaned_request_errors)
     logging.getLogger("hivemind.averaging.averager").addFilter(shorten_group_not_found)
     logging.getLogger("hivemind.averaging.averager").addFilter(shorten_download_failures)
+    logging.getLogger("hivemind.averaging.partition").addFilter(drop_partial_round_notes)
     # hivemind advances the LR scheduler to the swarm's step after loading state, before any local optimizer step
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
@@ -543,6 +544,15 @@ def shorten_download_failures(record: logging.LogRecord) -> bool:
             None,
         )
     return True
+
+
+def drop_partial_round_notes(record: logging.LogRecord) -> bool:
+    """Drop hivemind's "Reducer: received N% of input tensors" and "Averaging: received N% results" (the filter is
+    inherited by the forked averager processes): bertswarm says what happened in one line of its own, with what it
+    means for the peers: a round finished in part (``robust.RobustAveragingMixin``), a round failed
+    (``SwarmOptimizer``), or the round of an interrupted step dropped at the exit (``SwarmOptimizer.shutdown``)."""
+    message = str(record.msg)
+    return not (message.startswith("Reducer: received") or message.startswith("Averaging: received"))
 
 
 def drop_orphaned_request_errors(record: logging.LogRecord) -> bool:

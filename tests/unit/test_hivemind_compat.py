@@ -291,3 +291,14 @@ def test_a_step_interrupted_by_the_stop_deadline_is_abandoned_and_its_round_drop
         partner.shutdown()
         if opt.is_alive():
             opt.shutdown()
+
+
+def test_hivemind_notes_of_a_partial_round_are_dropped_for_bertswarms_own_line():
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("hivemind.averaging.partition", logging.WARNING, __file__, 1, message, (), None)
+
+    assert not hivemind_compat.drop_partial_round_notes(record("Reducer: received 50.0% of input tensors"))
+    assert not hivemind_compat.drop_partial_round_notes(record("Averaging: received 48.8% results"))
+    assert hivemind_compat.drop_partial_round_notes(record("something else went wrong"))
+    hivemind_compat.configure_logging()
+    assert hivemind_compat.drop_partial_round_notes in logging.getLogger("hivemind.averaging.partition").filters
