@@ -302,3 +302,32 @@ def test_hivemind_notes_of_a_partial_round_are_dropped_for_bertswarms_own_line()
     assert hivemind_compat.drop_partial_round_notes(record("something else went wrong"))
     hivemind_compat.configure_logging()
     assert hivemind_compat.drop_partial_round_notes in logging.getLogger("hivemind.averaging.partition").filters
+
+
+def test_a_round_failed_by_the_network_is_one_warning_line_and_a_bug_keeps_its_traceback():
+    from hivemind.averaging.matchmaking import MatchmakingException
+    from hivemind.averaging.partition import AllreduceException
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            exc_info = sys.exc_info()
+        return logging.LogRecord("hivemind.averaging.averager", logging.ERROR, __file__, 1, str(exc), (), exc_info)
+
+    try:
+        try:
+            raise TimeoutError()
+        except TimeoutError as inner:
+            raise MatchmakingException("Unable to run All-Reduce: ") from inner
+    except MatchmakingException as outer:
+        failed = record(outer)
+    assert hivemind_compat.shorten_round_failures(failed)
+    assert failed.levelno == logging.WARNING and failed.exc_info is None
+    expected = "averaging round failed (MatchmakingException: Unable to run All-Reduce; TimeoutError)"
+    assert failed.getMessage() == expected
+    dropped = record(AllreduceException("peer Qm... sent 3 parts, but we expected 5"))
+    assert hivemind_compat.shorten_round_failures(dropped) and dropped.levelno == logging.WARNING
+    bug = record(AttributeError("'NoneType' object has no attribute 'finalize'"))
+    assert hivemind_compat.shorten_round_failures(bug)
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None  # a bug keeps its traceback
