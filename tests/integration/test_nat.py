@@ -29,7 +29,7 @@ from .conftest import FAST
 pytestmark = pytest.mark.swarm
 
 METRICS_PORT = 9464  # each peer has a namespace of its own: no collisions
-SUCCESS, PARTIAL = 'outcome="success"', 'outcome="partial"'
+SUCCESS, PARTIAL, FAILED = 'outcome="success"', 'outcome="partial"', 'outcome="failed"'
 FINGERPRINT_TOLERANCE = 1e-6  # relative; equal weights up to the rounding of compressed parts
 
 
@@ -120,13 +120,21 @@ def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_c
                 assert "joining in client mode" in p.log_path.read_text(), f"{p.name} did not say it is behind NAT"
             assert "client mode" not in pub.log_path.read_text()
 
-            # a round hands every peer the same averaged gradient: the same weights after the same step
+            # a round hands every peer the same averaged gradient: the same weights after the same step. The first
+            # common step is the joiners' state download; a failed round (hivemind: the peer steps with its local
+            # gradients) leaves a peer apart until the next state averaging, so with one the weights must have been
+            # equal after at least one averaged step, and without one after the last
             prints = [_fingerprints(tmp_path / f"{p.name}.watch" / "fingerprints.jsonl") for p in peers]
-            common_steps = sorted(set(prints[0]) & set(prints[1]) & set(prints[2]))
-            assert common_steps, f"no step that all three peers took: {prints}"
-            step = common_steps[-1]
-            for other in prints[1:]:
-                assert other[step] == pytest.approx(prints[0][step], rel=FINGERPRINT_TOLERANCE), (step, prints)
+            common_steps = sorted(set(prints[0]) & set(prints[1]) & set(prints[2]))[1:]
+            assert common_steps, f"no averaged step that all three peers took: {prints}"
+
+            def equal(step: int) -> bool:
+                return all(o[step] == pytest.approx(prints[0][step], rel=FINGERPRINT_TOLERANCE) for o in prints[1:])
+
+            failed = {p.name: p.metric("bertswarm_peer_averaging_rounds_total", FAILED) for p in peers}
+            assert any(equal(step) for step in common_steps), (failed, prints)
+            if not any(failed.values()):
+                assert equal(common_steps[-1]), (failed, prints)
 
             # each home network sent its share of every round (half of its 6 MB of fp32 gradients, and more: the
             # public peer reduces every part) to the public peer, and not one packet to the other home network
