@@ -118,35 +118,3 @@ def test_optimizer_never_applies_a_non_finite_gradient():
     param.grad = torch.tensor([1.0, 1.0, 0.0])
     opt.step()
     assert math.isfinite(param.sum().item()) and not torch.equal(param.detach(), torch.ones(3))
-
-
-def test_a_joiner_counts_itself_before_its_own_record_is_back_from_the_dht():
-    """Right after loading the swarm's state, a joiner's first read of the progress records held only the other
-    peer's: hivemind counted 1 peer, so the joiner skipped the gradient round and stepped solo with one micro-batch,
-    one step out of the other peer's rounds (bench scenario 14: the missed round after a join)."""
-    from hivemind.optim.progress_tracker import LocalTrainingProgress
-    from hivemind.utils import ValueWithExpiration, get_dht_time
-    from hivemind.utils.performance_ema import PerformanceEMA
-
-    class Bare(guards.BoundedProgressTracker):  # parsing only: no DHT, no thread
-        def __del__(self):
-            pass
-
-    now = get_dht_time()
-    tracker = Bare.__new__(Bare)
-    tracker.dropped_records, tracker._last_warning = 0, -math.inf
-    tracker._epoch_started, tracker._started_epoch, tracker._first_seen = None, 3, {}
-    tracker._local_public_key, tracker.target_batch_size, tracker.metadata_expiration = b"me", 192, 20.0
-    tracker.prefix = "run"
-    tracker.min_refresh_period, tracker.max_refresh_period, tracker.default_refresh_period = 0.5, 3.0, 1.0
-    tracker.expected_drift_peers, tracker.expected_drift_rate, tracker.status_loglevel = 3, 0.2, 10
-    tracker.performance_ema = PerformanceEMA(alpha=0.1)
-    tracker.local_progress = LocalTrainingProgress(peer_id=b"B", epoch=3, samples_accumulated=8,
-                                                   samples_per_second=20.0, time=now, client_mode=False)  # fmt: skip
-    other = dict(peer_id=b"A", epoch=3, samples_accumulated=150, samples_per_second=20.0, time=now, client_mode=False)
-    seen = tracker._parse_swarm_progress_data({b"a-key": ValueWithExpiration(other, now + 20)})
-    assert seen.num_peers == 2 and seen.samples_accumulated == 158
-    # with its own record back from the DHT it still counts once, with its local (newer) progress
-    mine = dict(other, peer_id=b"B", samples_accumulated=0)
-    both = {b"a-key": ValueWithExpiration(other, now + 20), b"me": ValueWithExpiration(mine, now + 20)}
-    assert tracker._parse_swarm_progress_data(both).num_peers == 2
