@@ -168,6 +168,21 @@ def others_left(records: dict | None, me: bytes, now: float) -> bool:
     return own
 
 
+def others_epoch(records: dict | None, me: bytes, now: float) -> int | None:
+    """The highest step in the other peers' live progress records of a fresh read of ``{run}_progress`` (as
+    ``others_left`` reads it), or None when there is none. hivemind's ``global_epoch`` counts this peer's own record."""
+    if not isinstance(records, dict):
+        return None
+    epochs = []
+    for entry in records.values():
+        value, expiration = getattr(entry, "value", None), getattr(entry, "expiration_time", -math.inf)
+        if isinstance(value, dict) and value.get("peer_id") != me and expiration >= now:
+            epoch = value.get("epoch")
+            if isinstance(epoch, int) and not isinstance(epoch, bool):
+                epochs.append(epoch)
+    return max(epochs, default=None)
+
+
 class BoundedProgressTracker(hivemind_compat.FilteredProgressTracker):
     """hivemind's ProgressTracker reading the other peers' progress records through ``sanitize_progress``."""
 

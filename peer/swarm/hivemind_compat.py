@@ -8,8 +8,8 @@ adapt, rerun the unit and integration tests, then add the version.
 - ``install()``: the patches, once per process, before hivemind forks an averager (forked processes inherit them):
   the 8-bit decoders fixed for NumPy >= 2.4, the finite-only reducer of ``peer.swarm.guards`` in the all-reduce, and
   ``peer.swarm.lifeline`` (hivemind's helper processes and p2pd die with their parent; hivemind 1.1.12 leaves them
-  running after a crash), and ``shutdown_averager`` (an averager shut down during a round stops it and frees its
-  tensors; hivemind 1.1.12's fails there with a traceback).
+  running after a crash), ``shutdown_averager`` (an averager shut down during a round stops it and frees its
+  tensors; hivemind 1.1.12's fails there with a traceback) and ``cancel_step`` (a cancelled round never runs).
 - ``HookedOptimizer`` / ``FilteredProgressTracker``: hivemind subclasses that turn the private steps bertswarm needs
   into public hooks (``peer.swarm.optim.SwarmOptimizer`` and ``peer.swarm.guards.BoundedProgressTracker`` use them);
   an interrupted step is abandoned instead of finished with the local gradients.
@@ -70,6 +70,7 @@ def install() -> None:
 
     lifeline.install()  # helpers and p2pd die with this process, which leaves if one is killed (see its docstring)
     from hivemind.averaging import DecentralizedAverager, allreduce
+    from hivemind.averaging.control import StepControl
     from hivemind.compression.quantization import BlockwiseQuantization, Quantization
 
     from peer.swarm.guards import FiniteTensorPartReducer
@@ -82,6 +83,7 @@ def install() -> None:
     allreduce.TensorPartReducer = FiniteTensorPartReducer
     # every averager: its shutdown drops a round still exchanging tensors (hivemind 1.1.12's fails there)
     DecentralizedAverager._shutdown = shutdown_averager
+    StepControl.cancel = cancel_step
     _route_logs()
     _installed = True
 
@@ -139,6 +141,29 @@ def _extract_blockwise(self, serialized_tensor):
         quantized, absmax=absmax, code=codebook, blocksize=_BLOCKWISE_QUANTIZATION_BLOCKSIZE, nested=False
     )
     return result.to(getattr(torch, serialized_tensor.dtype)).requires_grad_(serialized_tensor.requires_grad)
+
+
+def cancel_step(self) -> bool:
+    """hivemind 1.1.12's ``StepControl.cancel`` with its three actions in the safe order: the control's own state
+    first, then the two signals to the averager process.
+
+    hivemind signalled first: the averager process, woken by the cancelled trigger or the cancel signal, checked
+    ``step.cancelled()`` before this process had set it, found the step still pending, and went on matchmaking; a
+    cancelled trigger counts as "triggered", so once a group formed it ran the all-reduce with whatever its buffers
+    held. The optimizer cancels its pre-scheduled gradient round whenever it steps alone (no other peer yet), so on
+    busy cores the first peer of a swarm ran that stale round with the joiners: they stepped with a wrong average,
+    and the first peer, whose own step waited for the next round, stayed one round out of step with them for good
+    (its step N took the round of their step N + 1; every round "succeeded"; the weights drifted apart until the
+    next state averaging; the NAT test caught it in 4 of 7 runs on busy cores).
+    """
+    from hivemind.utils.mpfuture import MPFuture
+
+    cancelled = MPFuture.cancel(self)
+    if self._trigger is not None:
+        self._trigger.cancel()
+    if self._cancel is not None:
+        self._cancel.set_result(None)
+    return cancelled
 
 
 async def shutdown_averager(self, timeout: float | None) -> None:

@@ -37,6 +37,12 @@ it covers every helper) sets up, in this process:
   stop of the whole process group) and are left to the owner, as are exits with a code (a Python error in a helper
   prints its own traceback; p2pd failing to start is reported by ``start_dht``).
 
+- **a process that dies while receiving a file descriptor is not a traceback.** ``multiprocessing`` hands file
+  descriptors (pipe ends, torch's shared tensors) to another process through a server thread in the sender; when the
+  receiver dies mid-handshake (a killed helper), that thread printed a bare traceback (``ConnectionResetError`` in
+  ``resource_sharer._serve``) through ``sys.excepthook``, and the server goes on. Such a dropped connection is now
+  one debug line; the helper's death itself is reported above.
+
 Linux gives all of this; elsewhere the children poll their parent and the rest is the same. Importing this module
 imports neither hivemind nor torch.
 """
@@ -89,6 +95,7 @@ def install() -> None:
     _origin = (os.getpid(), threading.main_thread().ident)
     _pipe = os.pipe()  # both ends non-inheritable across exec (PEP 446): forked helpers get them, p2pd does not
     multiprocessing.util.register_after_fork(_TOKEN, _in_child)
+    _quiet_dropped_descriptor_transfers()
     if hasattr(os, "waitid"):  # Linux, macOS
         threading.Thread(target=_watch_helpers, args=(_pipe[0],), name="bertswarm-lifeline", daemon=True).start()
 
@@ -96,6 +103,22 @@ def install() -> None:
 def _set_parent_death_signal(sig: int) -> bool:
     """Ask the kernel to send ``sig`` to this process when the thread that forked it ends (Linux; False elsewhere)."""
     return _prctl is not None and _prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def _quiet_dropped_descriptor_transfers() -> None:
+    """Route ``sys.excepthook`` around one expected case: the receiver of a file descriptor died mid-transfer."""
+    from multiprocessing import resource_sharer
+
+    serve = resource_sharer._ResourceSharer._serve.__code__
+    previous = sys.excepthook
+
+    def excepthook(exc_type, exc, tb):
+        if issubclass(exc_type, (ConnectionError, EOFError)) and tb is not None and tb.tb_frame.f_code is serve:
+            logger.debug("a process left while receiving a file descriptor from this one (%s)", exc_type.__name__)
+            return
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = excepthook
 
 
 # --- in every process multiprocessing forks -------------------------------------------------------------------------

@@ -333,23 +333,41 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
             except Exception as e:  # the DHT may be shutting down; the round's own timeout still bounds the wait
                 logger.debug("checking for departed peers failed: %r", e)
 
-    def _others_left(self) -> bool:
+    def _progress_records(self) -> dict | None:
         found = self.dht.get(self.tracker.training_progress_key, latest=True, return_future=True)
         found = found.result(timeout=max(1.0, self.matchmaking_time))
-        records = found.value if found is not None else None
-        return guards.others_left(records, self.dht.peer_id.to_bytes(), get_dht_time())
+        return found.value if found is not None else None
+
+    def _others_left(self) -> bool:
+        return guards.others_left(self._progress_records(), self.dht.peer_id.to_bytes(), get_dht_time())
+
+    def _others_epoch(self) -> int | None:
+        try:
+            return guards.others_epoch(self._progress_records(), self.dht.peer_id.to_bytes(), get_dht_time())
+        except Exception as e:  # a slow DHT read: the caller's deadline bounds the wait
+            logger.debug("reading the other peers' progress failed: %r", e)
+            return None
 
     def step(self, *args, **kwargs):
-        """hivemind's step, except after a failed first round since a state load (``_note_first_round``): then this
-        call waits until the others have finished the round this peer missed, loads their state, and drops this
-        micro-batch's gradients (as hivemind does when it finds a peer out of sync)."""
+        """hivemind's step, except after a first step since a state load that missed the swarm's round
+        (``_note_first_round``): then this call leaves the round this peer had scheduled next (with zero weight, as
+        hivemind does before a state load, so that the others do not wait for it), waits until the other peers have
+        reached this peer's step (the round it missed is over; this peer's own progress record, which hivemind's
+        ``global_epoch`` counts, already says that step), loads their state, and drops this micro-batch's gradients
+        (as hivemind does when it finds a peer out of sync)."""
         if self._resync:
             self._resync = False
-            deadline = time.monotonic() + self.averaging_timeout
-            while self.tracker.global_epoch < self.local_epoch and time.monotonic() < deadline:
-                time.sleep(0.2)
-            logger.warning("this peer's first averaging round after loading the state missed the swarm's round; "
+            logger.warning("this peer's first step after loading the state missed the swarm's averaging round; "
                            "loading the state again so as not to train on apart from the others")  # fmt: skip
+            if self.scheduled_grads is not None and not self.scheduled_grads.done():
+                self._tag_along_with_zero_weight(self.scheduled_grads)
+                self.scheduled_grads = None
+            deadline = time.monotonic() + self.averaging_timeout
+            while time.monotonic() < deadline:
+                others = self._others_epoch()
+                if others is not None and others >= self.local_epoch:
+                    break
+                time.sleep(0.2)
             self.load_state_from_peers()
             return None
         return super().step(*args, **kwargs)
@@ -403,10 +421,12 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
 
     def _note_first_round(self, outcome: str) -> None:
         """A joiner's first round after loading the state can miss the others' round: their progress records said
-        the round was due (they were in it), so this peer stepped at once and found no group to join. hivemind then
-        steps with the local gradients: this peer would train on one step apart from the swarm until the next state
-        averaging round. The next ``step`` loads the state again instead (bench scenario 14; the NAT test)."""
-        if self._after_state_load and outcome == "failed":
+        the round was due (they were in it), so this peer stepped at once and found no group to join ("failed"), or,
+        before its own progress record was back from the DHT, counted only one peer and stepped alone ("solo") while
+        the peer that had just sent it the state stepped without it. hivemind then steps with the local gradients:
+        this peer would train on one step apart from the swarm until the next state averaging round. The next
+        ``step`` loads the state again instead (bench scenario 14; the NAT test, where both joiners did this)."""
+        if self._after_state_load and outcome in ("failed", "solo"):
             self._resync = True
         self._after_state_load = False
 

@@ -25,7 +25,8 @@ This package is not in the wheel; ``peer.hooks`` loads it only when one of the v
   sends a pseudo-gradient in the wrong (or a random) direction of about an honest size, not ×1000.
 - ``BERTSWARM_TEST_WATCH_DIR=DIR``: a probe thread writes the stage of the peer's current gradient averaging round to
   ``DIR/stage`` (so a test can crash a peer while a round is under way) and appends a fingerprint of the parameters
-  (two float64 projections) to ``DIR/fingerprints.jsonl`` after every step (to compare peers' weights while they run).
+  (two float64 projections) to ``DIR/fingerprints.jsonl`` after every step (to compare peers' weights while they run),
+  with one of the optimizer's state (per-key sums of its tensors, the learning rates, the epoch) under ``opt``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def fingerprint(model: torch.nn.Module) -> list[float]:
     return [total, projected]
 
 
+def _optimizer_print(trainer) -> list[float]:
+    """Sums of the inner optimizer's state tensors per key (sorted by key), its learning rates, then the epoch."""
+    inner = trainer.opt.state_averager.optimizer
+    sums = {}
+    with torch.no_grad():
+        for state in inner.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    sums[key] = sums.get(key, 0.0) + float(value.double().sum())
+    lrs = [float(group["lr"]) for group in inner.param_groups]
+    return [sums[key] for key in sorted(sums)] + lrs + [float(trainer.opt.state_averager.local_epoch)]
+
+
 def _write(path: str, text: str) -> None:
     atomic_write_text(path, text, durable=False)  # read by the test while the peer runs; no fsync delays the probe
 
@@ -106,7 +120,7 @@ def _watch(trainer, directory: str) -> None:
                 time.sleep(0.01)
             prints = fingerprint(trainer.model)
             if trainer.opt.local_epoch == epoch:
-                line = json.dumps({"epoch": epoch, "time": time.time(), "fp": prints})
+                line = json.dumps({"epoch": epoch, "time": time.time(), "fp": prints, "opt": _optimizer_print(trainer)})
                 with open(prints_path, "a") as f:
                     f.write(line + "\n")
                 last_epoch = epoch

@@ -118,3 +118,20 @@ def test_optimizer_never_applies_a_non_finite_gradient():
     param.grad = torch.tensor([1.0, 1.0, 0.0])
     opt.step()
     assert math.isfinite(param.sum().item()) and not torch.equal(param.detach(), torch.ones(3))
+
+
+def test_others_epoch_reads_only_the_other_peers_live_records():
+    """The resync after a joiner's missed first round waits for the *others* to reach its step: hivemind's
+    ``global_epoch`` counts this peer's own record, which already says that step."""
+    from hivemind.utils import ValueWithExpiration
+
+    me, now = b"me", 1000.0
+
+    def record(peer_id: bytes, epoch, expires: float = now + 10):
+        return ValueWithExpiration({"peer_id": peer_id, "epoch": epoch}, expires)
+
+    assert guards.others_epoch({b"1": record(me, 5), b"2": record(b"b", 4), b"3": record(b"c", 3)}, me, now) == 4
+    assert guards.others_epoch({b"1": record(me, 5)}, me, now) is None  # alone
+    assert guards.others_epoch({b"1": record(me, 5), b"2": record(b"b", 6, expires=now - 1)}, me, now) is None
+    assert guards.others_epoch({b"2": ValueWithExpiration(None, now + 10), b"3": record(b"c", "7")}, me, now) is None
+    assert guards.others_epoch(None, me, now) is None

@@ -47,6 +47,30 @@ def test_install_patches_once_and_is_idempotent():
     assert Quantization.extract is hivemind_compat._extract_quantized
     assert BlockwiseQuantization.extract is hivemind_compat._extract_blockwise
     assert DecentralizedAverager._shutdown is hivemind_compat.shutdown_averager
+    from hivemind.averaging.control import StepControl
+
+    assert StepControl.cancel is hivemind_compat.cancel_step
+
+
+def test_a_cancelled_round_is_cancelled_before_the_averager_hears_of_it():
+    """The averager process learns of a cancel from the trigger and cancel futures and then checks the control's
+    state: that state must already say "cancelled", or it runs the round anyway (with stale tensors, see
+    ``cancel_step``). Here the two futures live in this process, so their callbacks run at the moment they resolve."""
+    from hivemind.averaging.control import StepControl
+    from hivemind.utils.mpfuture import MPFuture
+
+    hivemind_compat.install()
+    trigger, cancel = MPFuture(), MPFuture()  # first: hivemind's backend must start on MPFuture, not a subclass
+    now = time.time()
+    control = StepControl(
+        scheduled_time=now + 10, deadline=now + 20, allow_retries=True, weight=1.0, data_for_gather=b""
+    )
+    control.attach(trigger, cancel)
+    heard = []
+    trigger.add_done_callback(lambda _: heard.append(("trigger", trigger.cancelled(), control.cancelled())))
+    cancel.add_done_callback(lambda _: heard.append(("cancel", cancel.done(), control.cancelled())))
+    assert control.cancel() and control.cancelled()
+    assert heard == [("trigger", True, True), ("cancel", True, True)]
 
 
 def test_hooked_classes_are_built_once():

@@ -189,7 +189,7 @@ def test_partial_rounds_are_counted_across_a_fork():
     assert counter.take() == 0
 
 
-def test_a_failed_first_round_after_a_state_load_loads_the_state_again():
+def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again():
     """A joiner's first round can miss the others' round (bench scenario 14, the NAT test): it must not train on one
     step apart from them; its next step waits for their round, loads their state and drops its micro-batch."""
     from types import SimpleNamespace
@@ -197,9 +197,11 @@ def test_a_failed_first_round_after_a_state_load_loads_the_state_again():
     rounds, loads = [], []
     opt = _bare_optimizer(rounds)
     opt.state_averager = SimpleNamespace(local_epoch=4)  # after its own (local) step 3 -> 4
-    opt.tracker = SimpleNamespace(global_epoch=4)  # the others have finished their round 3 -> 4
-    opt.averaging_timeout = 1.0
-    opt.load_state_from_peers = lambda: loads.append(opt.local_epoch)
+    opt.averaging_timeout = 5.0
+    opt.scheduled_grads = None
+    epochs = iter([None, 3, 3, 4])  # the others' records: not read yet, still in the round 3 -> 4, then past it
+    opt._others_epoch = lambda: next(epochs, 4)
+    opt.load_state_from_peers = lambda: loads.append((opt.local_epoch, next(epochs, "waited")))
 
     opt._after_state_load = True
     opt.gradient_round_finished(_FinishedRound(), 1.0)  # a first round that succeeded: nothing to do
@@ -209,4 +211,9 @@ def test_a_failed_first_round_after_a_state_load_loads_the_state_again():
     opt._after_state_load = True
     opt.gradient_round_finished(_FinishedRound(error=TimeoutError()), 1.0)
     assert opt._resync
-    assert opt.step() is None and loads == [4] and not opt._resync
+    assert opt.step() is None and loads == [(4, "waited")] and not opt._resync
+    # a joiner that counted only one peer (its own record not back from the DHT yet) and stepped alone: the same
+    opt._after_state_load = True
+    opt.gradient_round_finished(None, 0.0)
+    assert opt._resync
+    assert opt.step() is None and loads == [(4, "waited"), (4, "waited")] and not opt._resync
