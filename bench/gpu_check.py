@@ -34,7 +34,7 @@ import torch
 from bench import workload
 from bench.common import free_port, summarize
 from peer.localswarm import LocalPeer
-from peer.run.model import count_parameters
+from peer.run.model import count_parameters, pretraining_loss
 from peer.run.presets import PRESETS
 from peer.swarm.optim import optimizer_factory, param_groups
 
@@ -56,7 +56,7 @@ def compute(preset: str, steps: int, seq_len: int = 128) -> dict:
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch).loss
+            loss = pretraining_loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

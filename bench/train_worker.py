@@ -23,6 +23,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 from bench import workload
 from bench.common import cpu_breakdown, net_tx_bytes
 from peer import trainer as product_trainer
+from peer.run.model import PretrainingLoss, pretraining_loss
 from peer.swarm.optim import (
     GRAD_COMPRESSIONS,
     grad_compression,
@@ -329,7 +330,7 @@ def single(args, run, model, result) -> None:
         for peer, k in micro:
             began, began_cpu = time.perf_counter(), time.thread_time()
             batch = next(batches[peer]) if k is None else batches[peer].get(k)
-            (model(**batch).loss / len(micro)).backward()
+            (pretraining_loss(model, batch) / len(micro)).backward()
             compute_s, timed = compute_s + time.perf_counter() - began, timed + 1
             compute_cpu_s += time.thread_time() - began_cpu
         opt.step()
@@ -370,7 +371,7 @@ def ddp(args, run, model, result) -> None:
     os.environ.update(MASTER_ADDR=args.host, MASTER_PORT=str(args.master_port))
     dist.init_process_group("gloo", rank=args.index, world_size=args.peers)
     try:
-        ddp_model = DistributedDataParallel(model)
+        ddp_model = DistributedDataParallel(PretrainingLoss(model))  # the loss the peers compute
         opt, sched = _optimizer(run, model)
         n = run.target_batch_size // args.batch // args.peers  # micro-batches per rank: same global batch
         stream = workload.stream(run, args.batch, workload.peer_seed(args.index))
@@ -384,11 +385,11 @@ def ddp(args, run, model, result) -> None:
                 if i < n - 1:
                     began, began_cpu = time.perf_counter(), time.thread_time()
                     with ddp_model.no_sync():
-                        (ddp_model(**next(stream)).loss / n).backward()
+                        (ddp_model(**next(stream)) / n).backward()
                     compute_s, timed = compute_s + time.perf_counter() - began, timed + 1
                     compute_cpu_s += time.thread_time() - began_cpu
                 else:
-                    (ddp_model(**next(stream)).loss / n).backward()  # all-reduce (mean over ranks) here
+                    (ddp_model(**next(stream)) / n).backward()  # all-reduce (mean over ranks) here
             opt.step()
             sched.step()
             opt.zero_grad()

@@ -12,7 +12,7 @@ from peer.data import corpus, embedded
 from peer.data.batches import BatchStream
 from peer.data.tokenizer import default_tokenizer, tokenizer_fingerprint
 from peer.run import manifest
-from peer.run.model import build_model
+from peer.run.model import build_model, pretraining_loss
 
 HELDOUT_BATCHES = 8
 HELDOUT_SEED = 12345
@@ -78,6 +78,7 @@ def heldout_loss(model: torch.nn.Module, run: manifest.RunManifest, batch_size: 
     )
     was_training = model.training
     model.eval()
-    losses = [float(model(**next(batches)).loss) for _ in range(HELDOUT_BATCHES)]
+    with torch.no_grad():
+        losses = [float(pretraining_loss(model, next(batches))) for _ in range(HELDOUT_BATCHES)]
     model.train(was_training)
     return sum(losses) / len(losses)

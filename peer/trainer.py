@@ -33,7 +33,7 @@ from peer.data.tokenizer import TokenizerInfo, default_tokenizer, load_tokenizer
 from peer.errors import InputError, UserError
 from peer.progress import Snapshot, StatusDisplay, Window
 from peer.run.manifest import DEFAULT_RUN_ID, RunManifest, from_config
-from peer.run.model import build_model, count_parameters
+from peer.run.model import build_model, count_parameters, pretraining_loss
 from peer.run.presets import PRESETS
 from peer.run.schema import SignedManifest
 from peer.store.errors import CheckpointError, StateError
@@ -361,7 +361,7 @@ class Trainer:
     def step(self) -> None:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
         with self.autocast:
-            loss = self.model(**batch).loss
+            loss = pretraining_loss(self.model, batch)
         loss.backward()
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value) or not is_finite_gradient(self.model):

@@ -176,7 +176,7 @@ def batch_wait(dataset: Path, batches: int) -> dict:
     from peer.data.shards import PreparedDataset
     from peer.data.stream import ShardStream
     from peer.data.tokenizer import TokenizerInfo, default_tokenizer
-    from peer.run.model import build_model
+    from peer.run.model import build_model, pretraining_loss
     from peer.run.presets import PRESETS
 
     torch.set_num_threads(1)
@@ -191,7 +191,7 @@ def batch_wait(dataset: Path, batches: int) -> dict:
         t0 = time.perf_counter()
         batch = next(stream)
         t1 = time.perf_counter()
-        loss = model(**batch).loss
+        loss = pretraining_loss(model, batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
