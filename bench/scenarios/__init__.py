@@ -18,6 +18,7 @@ NAMES = [
     "attack",
     "stopping",
     "nat",
+    "loss_head",
 ]
 
 

@@ -300,6 +300,38 @@ def test_serve_scenario_rows_take_ratios_per_repetition_and_check_steps_per_clie
     assert len(serve.texts(40)) == 40 and all(t.count("[MASK]") == 1 for t in serve.texts(40))
 
 
+def test_loss_head_scenario_rows_take_ratios_per_repetition_and_its_check_compares_both_losses():
+    from bench.scenarios import loss_head
+    from peer.run.model import build_model
+
+    assert loss_head.config(quick=True)["steps"] < loss_head.config(quick=False)["steps"]
+    assert loss_head.config(quick=True)["presets"] == ("tiny", "mini")
+    raw = {
+        "tiny": [
+            {"ratio": 3.0, "transformers": {"samples_per_s": 40.0}, "pretraining_loss": {"samples_per_s": 120.0},
+             "loss_max_rel_diff": 2e-7},
+            {"error": "boom"},
+        ],
+        "mini": [{"ratio": 1.5, "transformers": {"samples_per_s": 16.0}, "pretraining_loss": {"samples_per_s": 24.0},
+                  "loss_max_rel_diff": 1e-4}],
+    }  # fmt: skip
+    rows = {r["metric"]: r for r in loss_head.build_rows(raw)}
+    tiny = rows["tiny: step time, transformers' loss ÷ pretraining_loss"]
+    assert tiny["values"] == [3.0, None] and tiny["goal"] == ">= 2.0"
+    assert rows["tiny: pretraining_loss"]["values"] == [120.0, None]
+    assert rows["mini: model(**batch).loss"]["unit"] == "samples/s"
+    check = rows["mini: loss, max relative difference of the two on the same batch"]
+    assert report.goal_met(check["goal"], check["values"][0]) == "**missed**"
+    assert report.goal_met(tiny["goal"], 3.0) == "met"
+
+    small = dict(vocab_size=8192, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=64)  # fmt: skip
+    model = build_model(small, nsp=False, seed=1).train()
+    batches = [next(s) for s in [workload.stream(workload.make_manifest("unit", seq_len=32), 4, 0)] for _ in range(2)]
+    assert 0.0 <= loss_head._max_relative_difference(model, batches) <= 1e-5
+    assert model.training  # the check leaves the model training
+
+
 def test_the_gpu_check_refuses_a_machine_without_cuda_in_one_line(tmp_path, monkeypatch, capsys):
     from bench import gpu_check
 
