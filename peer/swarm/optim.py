@@ -341,12 +341,17 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
     def _others_left(self) -> bool:
         return guards.others_left(self._progress_records(), self.dht.peer_id.to_bytes(), get_dht_time())
 
-    def _others_epoch(self) -> int | None:
+    def _others_epoch(self) -> int | None | bool:
+        """The other peers' highest step (``guards.others_epoch``); None when no other peer has a live record; False
+        when the read failed or found no record at all (not even this peer's own: the DHT may not have it yet)."""
         try:
-            return guards.others_epoch(self._progress_records(), self.dht.peer_id.to_bytes(), get_dht_time())
+            records = self._progress_records()
         except Exception as e:  # a slow DHT read: the caller's deadline bounds the wait
             logger.debug("reading the other peers' progress failed: %r", e)
-            return None
+            return False
+        if not records:
+            return False
+        return guards.others_epoch(records, self.dht.peer_id.to_bytes(), get_dht_time())
 
     def step(self, *args, **kwargs):
         """hivemind's step, except after a first step since a state load that missed the swarm's round
@@ -365,7 +370,9 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
             deadline = time.monotonic() + self.averaging_timeout
             while time.monotonic() < deadline:
                 others = self._others_epoch()
-                if others is not None and others >= self.local_epoch:
+                if others is None:  # the others have all left since: there is no swarm state to catch up with
+                    return super().step(*args, **kwargs)
+                if others is not False and others >= self.local_epoch:
                     break
                 time.sleep(0.2)
             self.load_state_from_peers()

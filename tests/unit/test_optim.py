@@ -7,6 +7,7 @@ import torch
 
 from peer.config import PeerConfig
 from peer.run.manifest import from_config
+from peer.swarm import hivemind_compat
 from peer.swarm.optim import (
     GRAD_COMPRESSIONS,
     Lamb,
@@ -189,7 +190,7 @@ def test_partial_rounds_are_counted_across_a_fork():
     assert counter.take() == 0
 
 
-def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again():
+def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again(monkeypatch):
     """A joiner's first round can miss the others' round (bench scenario 14, the NAT test): it must not train on one
     step apart from them; its next step waits for their round, loads their state and drops its micro-batch."""
     from types import SimpleNamespace
@@ -199,7 +200,7 @@ def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again()
     opt.state_averager = SimpleNamespace(local_epoch=4)  # after its own (local) step 3 -> 4
     opt.averaging_timeout = 5.0
     opt.scheduled_grads = None
-    epochs = iter([None, 3, 3, 4])  # the others' records: not read yet, still in the round 3 -> 4, then past it
+    epochs = iter([False, 3, 3, 4])  # the others' records: not read yet, still in the round 3 -> 4, then past it
     opt._others_epoch = lambda: next(epochs, 4)
     opt.load_state_from_peers = lambda: loads.append((opt.local_epoch, next(epochs, "waited")))
 
@@ -217,3 +218,9 @@ def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again()
     opt.gradient_round_finished(None, 0.0)
     assert opt._resync
     assert opt.step() is None and loads == [(4, "waited"), (4, "waited")] and not opt._resync
+    # ... unless the others have all left since (no live record but its own): it trains on, nothing to reload
+    monkeypatch.setattr(hivemind_compat.HookedOptimizer, "step", lambda self, *a, **k: "stepped")
+    opt._others_epoch = lambda: None
+    opt._after_state_load = True
+    opt.gradient_round_finished(None, 0.0)
+    assert opt.step() == "stepped" and len(loads) == 2 and not opt._resync
