@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 STATE_AVERAGING_EVERY = 10  # global steps between parameter/optimizer-state averaging rounds
+NO_MORE_STATE_AVERAGING = 2**62  # average_state_every of a leaving peer: no step is a multiple of it
 # While this peer waits for a group, how often it checks whether the others it counted on have left the swarm, and in
 # how many checks in a row they must all be gone before it stops waiting (one more check covers a peer that began
 # looking for a group a moment before its first progress record reached the DHT).
@@ -262,7 +263,12 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
 
     def cancel_matchmaking(self) -> bool:
         """Abandon averaging rounds still looking for a group, so a leaving peer is not held for the averaging
-        timeout; a round already exchanging tensors is left to finish (cancelling it would fail it for the group)."""
+        timeout; a round already exchanging tensors is left to finish (cancelling it would fail it for the group).
+        And no state averaging round from now on: the step a leaving peer finishes on its way out would otherwise
+        begin the every-10th-step round and wait for its groupmates, who may be in another round or gone, for up
+        to the averaging timeout (the stop's deadline then interrupted it, and the shutdown waited for the round
+        again: 20 s from SIGTERM to exit, test_lifecycle)."""
+        self.average_state_every = NO_MORE_STATE_AVERAGING
         cancelled = False
         for control in self._rounds_looking_for_group():
             cancelled = control.cancel() or cancelled

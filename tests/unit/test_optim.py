@@ -224,3 +224,22 @@ def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again(m
     opt._after_state_load = True
     opt.gradient_round_finished(None, 0.0)
     assert opt.step() == "stepped" and len(loads) == 2 and not opt._resync
+
+
+def test_a_leaving_peer_cancels_its_matchmaking_and_averages_no_more_state():
+    """The stop signal's first act (``stop.on_stop``): rounds still looking for a group are cancelled, and no step on
+    the way out begins a state averaging round (hivemind checks ``next_epoch % average_state_every``)."""
+    from types import SimpleNamespace
+
+    from hivemind.averaging.control import AveragingStage
+
+    cancelled = []
+    looking = SimpleNamespace(done=lambda: False, stage=AveragingStage.LOOKING_FOR_GROUP,
+                              cancel=lambda: cancelled.append("grads") or True)  # fmt: skip
+    exchanging = SimpleNamespace(done=lambda: False, stage=AveragingStage.RUNNING_ALLREDUCE,
+                                 cancel=lambda: cancelled.append("state") or True)  # fmt: skip
+    opt = _bare_optimizer([])
+    opt.scheduled_grads, opt.scheduled_state, opt.average_state_every = looking, exchanging, 10
+    assert opt.cancel_matchmaking()
+    assert cancelled == ["grads"]  # a round already exchanging tensors is left to finish
+    assert all(epoch % opt.average_state_every != 0 for epoch in (10, 20, 1000, 10**9))
