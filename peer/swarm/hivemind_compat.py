@@ -236,6 +236,7 @@ def _build_hooked_optimizer():
         state_averager_class = None
         state_averager_options: dict = {}  # noqa: RUF012 - read only
         interrupted_round = None  # the gradient round's StepControl whose step a KeyboardInterrupt abandoned
+        interrupted_state_round = None  # likewise, a state averaging round the interrupt left waiting
         applying_step = False
 
         def gradient_round_finished(self, control, seconds: float) -> None:
@@ -310,6 +311,11 @@ def _build_hooked_optimizer():
         def _update_global_epoch(self, grad_scaler) -> None:
             try:
                 super()._update_global_epoch(grad_scaler)
+            except KeyboardInterrupt:
+                # interrupted while the state averaging round of this step waited for its group (the stop's
+                # deadline): hivemind still holds that round's control here; shutdown drops it
+                self.interrupted_state_round = self.scheduled_state
+                raise
             finally:
                 self.applying_step = False
 

@@ -37,10 +37,10 @@ logger = logging.getLogger(__name__)
 
 
 STATE_AVERAGING_EVERY = 10  # global steps between parameter/optimizer-state averaging rounds
-NO_MORE_STATE_AVERAGING = 2**62  # average_state_every of a leaving peer: no step is a multiple of it
 # While this peer waits for a group, how often it checks whether the others it counted on have left the swarm, and in
 # how many checks in a row they must all be gone before it stops waiting (one more check covers a peer that began
 # looking for a group a moment before its first progress record reached the DHT).
+WAITING_FOR_GROUP = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # a round's stages before its group formed
 DEPARTURE_CHECK_PERIOD = 0.5
 DEPARTURE_CHECKS = 2
 # Gradient compressions (benchmarks; make_optimizer's grad_compression). Every peer of a run must use the same one:
@@ -263,12 +263,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
 
     def cancel_matchmaking(self) -> bool:
         """Abandon averaging rounds still looking for a group, so a leaving peer is not held for the averaging
-        timeout; a round already exchanging tensors is left to finish (cancelling it would fail it for the group).
-        And no state averaging round from now on: the step a leaving peer finishes on its way out would otherwise
-        begin the every-10th-step round and wait for its groupmates, who may be in another round or gone, for up
-        to the averaging timeout (the stop's deadline then interrupted it, and the shutdown waited for the round
-        again: 20 s from SIGTERM to exit, test_lifecycle)."""
-        self.average_state_every = NO_MORE_STATE_AVERAGING
+        timeout; a round already exchanging tensors is left to finish (cancelling it would fail it for the group)."""
         cancelled = False
         for control in self._rounds_looking_for_group():
             cancelled = control.cancel() or cancelled
@@ -304,6 +299,23 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
             if not dropped.done():
                 dropped.cancel()
             logger.info("dropped the gradient averaging round of the interrupted step")
+        # Likewise a state averaging round (every 10th step) that the interrupt left waiting for its group: hivemind's
+        # shutdown first waits for the state averager's pending step, i.e. for that round, up to the averaging timeout
+        # (19.9 s from SIGTERM to exit in test_lifecycle). Cancelled, the averager's wait ends at once.
+        dropped = getattr(self, "interrupted_state_round", None)
+        if dropped is not None and dropped is getattr(self, "scheduled_state", None):
+            self.scheduled_state = None
+            if not dropped.done():
+                dropped.cancel()
+            logger.info("dropped the state averaging round of the interrupted step")
+        # A round scheduled for a later step and not yet in a group: hivemind cancels it only once its stage says
+        # "looking for a group" and otherwise tags along until it ends; a state round scheduled for the next 10th step
+        # then held a leaving peer until its matchmaking gave up ("could not find a group", 15 s after SIGTERM).
+        for name in ("scheduled_grads", "scheduled_state"):
+            control = getattr(self, name, None)
+            if control is not None and not control.done() and control.stage in WAITING_FOR_GROUP:
+                setattr(self, name, None)
+                control.cancel()
         super().shutdown()
 
     def _rounds_looking_for_group(self) -> list:

@@ -21,6 +21,7 @@ def test_interrupt_saves_state_and_restart_resumes_then_syncs(swarm):
     b = swarm.start("b", join=a)
     swarm.wait_until("a and b to train together", lambda: min(swarm.epoch(a), swarm.epoch(b)) >= 2, timeout=150)
 
+    swarm.wait_clear_of_state_averaging(b)
     started = time.monotonic()
     b.send_signal(signal.SIGINT)  # Ctrl-C
     assert b.wait(timeout=30) == 0, b.log_tail()
@@ -37,6 +38,7 @@ def test_interrupt_saves_state_and_restart_resumes_then_syncs(swarm):
     assert "loading state from peers" in log
 
     for peer in (a, again):
+        swarm.wait_clear_of_state_averaging(peer)
         started = time.monotonic()
         if peer is again:  # the whole process group, as systemd and docker stop do: it leaves as cleanly
             os.killpg(peer.proc.pid, signal.SIGTERM)

@@ -226,20 +226,34 @@ def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again(m
     assert opt.step() == "stepped" and len(loads) == 2 and not opt._resync
 
 
-def test_a_leaving_peer_cancels_its_matchmaking_and_averages_no_more_state():
-    """The stop signal's first act (``stop.on_stop``): rounds still looking for a group are cancelled, and no step on
-    the way out begins a state averaging round (hivemind checks ``next_epoch % average_state_every``)."""
+def test_shutdown_drops_the_rounds_an_interrupted_step_left_waiting(monkeypatch):
+    """After the stop's deadline interrupted a step (``HookedOptimizer``), its gradient round and its state averaging
+    round are cancelled before hivemind's shutdown, which would otherwise wait for them (up to the averaging timeout:
+    19.9 s from SIGTERM to exit in test_lifecycle when the step was a state-averaging one)."""
     from types import SimpleNamespace
 
     from hivemind.averaging.control import AveragingStage
 
-    cancelled = []
-    looking = SimpleNamespace(done=lambda: False, stage=AveragingStage.LOOKING_FOR_GROUP,
-                              cancel=lambda: cancelled.append("grads") or True)  # fmt: skip
-    exchanging = SimpleNamespace(done=lambda: False, stage=AveragingStage.RUNNING_ALLREDUCE,
-                                 cancel=lambda: cancelled.append("state") or True)  # fmt: skip
+    cancelled, shut = [], []
+
+    def control(name, stage=AveragingStage.AWAITING_TRIGGER):
+        return SimpleNamespace(done=lambda: False, stage=stage, cancel=lambda: cancelled.append(name) or True)
+
+    monkeypatch.setattr(hivemind_compat.HookedOptimizer, "shutdown", lambda self: shut.append(
+        (self.scheduled_grads, self.scheduled_state)))  # fmt: skip
     opt = _bare_optimizer([])
-    opt.scheduled_grads, opt.scheduled_state, opt.average_state_every = looking, exchanging, 10
-    assert opt.cancel_matchmaking()
-    assert cancelled == ["grads"]  # a round already exchanging tensors is left to finish
-    assert all(epoch % opt.average_state_every != 0 for epoch in (10, 20, 1000, 10**9))
+    opt.scheduled_grads = opt.interrupted_round = control("grads")
+    opt.scheduled_state = opt.interrupted_state_round = control("state")
+    opt.shutdown()
+    assert cancelled == ["grads", "state"] and shut == [(None, None)]
+
+    opt = _bare_optimizer([])  # an uninterrupted stop: rounds in a group are left to hivemind's shutdown (tag along)
+    opt.scheduled_grads, opt.scheduled_state = control("grads"), control("state")
+    opt.shutdown()
+    assert cancelled == ["grads", "state"] and shut[-1] == (opt.scheduled_grads, opt.scheduled_state)
+
+    opt = _bare_optimizer([])  # ... and rounds not in a group yet are cancelled, not waited for
+    opt.scheduled_grads = control("grads", AveragingStage.LOOKING_FOR_GROUP)
+    opt.scheduled_state = control("state", AveragingStage.IDLE)
+    opt.shutdown()
+    assert cancelled == ["grads", "state", "grads", "state"] and shut[-1] == (None, None)
