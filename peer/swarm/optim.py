@@ -37,10 +37,10 @@ logger = logging.getLogger(__name__)
 
 
 STATE_AVERAGING_EVERY = 10  # global steps between parameter/optimizer-state averaging rounds
+WAITING_FOR_GROUP = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # a round's stages before its group formed
 # While this peer waits for a group, how often it checks whether the others it counted on have left the swarm, and in
 # how many checks in a row they must all be gone before it stops waiting (one more check covers a peer that began
 # looking for a group a moment before its first progress record reached the DHT).
-WAITING_FOR_GROUP = (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)  # a round's stages before its group formed
 DEPARTURE_CHECK_PERIOD = 0.5
 DEPARTURE_CHECKS = 2
 # Gradient compressions (benchmarks; make_optimizer's grad_compression). Every peer of a run must use the same one:
@@ -288,26 +288,21 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
             control = getattr(self, name, None)
             if control is not None and control.done():
                 setattr(self, name, None)
-        # A gradient round whose step an interrupt abandoned (the trainer's stop deadline; see HookedOptimizer) is
-        # dropped, not waited for: hivemind would "tag along" until it ends (a whole all-reduce on a slow link), for
-        # a result this peer no longer uses. Cancelled here, it ends without retrying or an error in the averager
+        # A round whose step an interrupt abandoned (the trainer's stop deadline; see HookedOptimizer) is dropped, not
+        # waited for. A gradient round: hivemind would "tag along" until it ends (a whole all-reduce on a slow link),
+        # for a result this peer no longer uses; cancelled here, it ends without retrying or an error in the averager
         # process, whose shutdown then stops the exchange (hivemind_compat.shutdown_averager); the groupmates go on
-        # with the parts they have, as when a peer crashes mid-round.
-        dropped = getattr(self, "interrupted_round", None)
-        if dropped is not None and dropped is getattr(self, "scheduled_grads", None):
-            self.scheduled_grads = None
-            if not dropped.done():
-                dropped.cancel()
-            logger.info("dropped the gradient averaging round of the interrupted step")
-        # Likewise a state averaging round (every 10th step) that the interrupt left waiting for its group: hivemind's
-        # shutdown first waits for the state averager's pending step, i.e. for that round, up to the averaging timeout
-        # (19.9 s from SIGTERM to exit in test_lifecycle). Cancelled, the averager's wait ends at once.
-        dropped = getattr(self, "interrupted_state_round", None)
-        if dropped is not None and dropped is getattr(self, "scheduled_state", None):
-            self.scheduled_state = None
-            if not dropped.done():
-                dropped.cancel()
-            logger.info("dropped the state averaging round of the interrupted step")
+        # with the parts they have, as when a peer crashes mid-round. A state averaging round (every 10th step) the
+        # interrupt left waiting for its group: hivemind's shutdown first waits for the state averager's pending step,
+        # i.e. for that round, up to the averaging timeout (19.9 s from SIGTERM to exit in test_lifecycle).
+        for name, interrupted, what in (("scheduled_grads", "interrupted_round", "gradient"),
+                                        ("scheduled_state", "interrupted_state_round", "state")):  # fmt: skip
+            dropped = getattr(self, interrupted, None)
+            if dropped is not None and dropped is getattr(self, name, None):
+                setattr(self, name, None)
+                if not dropped.done():
+                    dropped.cancel()
+                logger.info("dropped the %s averaging round of the interrupted step", what)
         # A round scheduled for a later step and not yet in a group: hivemind cancels it only once its stage says
         # "looking for a group" and otherwise tags along until it ends; a state round scheduled for the next 10th step
         # then held a leaving peer until its matchmaking gave up ("could not find a group", 15 s after SIGTERM).
@@ -380,8 +375,6 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         (as hivemind does when it finds a peer out of sync)."""
         if self._resync:
             self._resync = False
-            logger.warning("this peer's first step after loading the state missed the swarm's averaging round; "
-                           "loading the state again so as not to train on apart from the others")  # fmt: skip
             if self.scheduled_grads is not None and not self.scheduled_grads.done():
                 self._tag_along_with_zero_weight(self.scheduled_grads)
                 self.scheduled_grads = None
@@ -393,6 +386,8 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
                 if others is not False and others >= self.local_epoch:
                     break
                 time.sleep(0.2)
+            logger.warning("this peer's first step after loading the state missed the swarm's averaging round; "
+                           "loading the state again so as not to train on apart from the others")  # fmt: skip
             self.load_state_from_peers()
             return None
         return super().step(*args, **kwargs)
