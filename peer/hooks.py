@@ -33,7 +33,7 @@ class NoHooks:
         pass
 
     @staticmethod
-    def paused() -> bool:
+    def paused(step: int) -> bool:
         return False
 
     @staticmethod

@@ -337,7 +337,7 @@ class Trainer:
     def train(self, stop: StopSignal) -> None:
         try:
             while not stop.is_set() and not self.finished:
-                if self.hooks.paused():
+                if self.hooks.paused(self.opt.local_epoch):
                     self.report()  # test hook: hold the weights still between steps, keep reporting (never for users)
                     time.sleep(0.1)
                     continue

@@ -2,7 +2,9 @@
 users; like hivemind's own test hooks). The fault suite in ``tests/faults`` sets them on one peer of a local swarm.
 This package is not in the wheel; ``peer.hooks`` loads it only when one of the variables is set, and warns loudly.
 
-- ``BERTSWARM_TEST_PAUSE_FILE=PATH``: while PATH exists the peer takes no steps (it keeps reporting).
+- ``BERTSWARM_TEST_PAUSE_FILE=PATH``: while PATH exists the peer takes no steps (it keeps reporting). If PATH holds a
+  step number, the peer trains on until its step reaches it, then holds there: every peer of a swarm holds at that
+  one step, even those one round behind when the file appeared.
 
 - ``BERTSWARM_TEST_NONFINITE_GRADS=1``: after the peer's own finite check, its gradients are replaced by NaN/Inf, so
   it *sends* non-finite contributions to the swarm (a buggy or hostile peer that skipped the check).
@@ -35,6 +37,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 from hivemind.utils import get_dht_time
@@ -57,10 +60,18 @@ def ignore_allowlist() -> bool:
     return IGNORE_ALLOWLIST
 
 
-def paused() -> bool:
-    """While the pause file exists, the peer takes no steps but stays in the swarm and keeps reporting, so a test can
-    compare every peer's weights with a checkpoint at one known step."""
-    return bool(PAUSE_FILE) and os.path.exists(PAUSE_FILE)
+def paused(step: int) -> bool:
+    """While the pause file exists, the peer (at ``step``) takes no steps but stays in the swarm and keeps reporting,
+    so a test can compare every peer's weights with a checkpoint at one known step. A step number in the file holds
+    the peer only from that step on: a pause that begins mid-round, seen by one groupmate before its step and by the
+    other after, would otherwise hold them one step apart."""
+    if not PAUSE_FILE:
+        return False
+    try:
+        text = Path(PAUSE_FILE).read_text().strip()
+    except FileNotFoundError:
+        return False
+    return not text or step >= int(text)
 
 
 def install(trainer) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peer.store.atomic import atomic_write_text
 from tests.binaries import require_binary
 
 from .conftest import saved_state
@@ -61,10 +62,12 @@ def test_coordinator_metrics_checkpoints_and_restart(swarm, tmp_path, monkeypatc
     # 2. a checkpoint is published (killing the coordinator mid-checkpoint is in tests/faults)
     swarm.wait_until("a first checkpoint", lambda: len(get_json(swarm, coord, "/checkpoints")) >= 1, timeout=150)
 
-    # 3. hold the swarm still at one step: the checkpoint of that step holds exactly the peers' weights
-    pause.touch()
+    # 3. hold the swarm still at one step: the checkpoint of that step holds exactly the peers' weights. The pause
+    # names the step: an empty pause file that appears mid-round can hold one peer before its step and the other after
+    held = max(swarm.epoch(a), swarm.epoch(b)) + 1
+    atomic_write_text(pause, f"{held}\n")
     swarm.wait_until("the peers to pause", lambda: _stable_epoch(swarm, a, b), timeout=60)
-    held = swarm.epoch(a)
+    assert swarm.epoch(a) == held
     swarm.wait_until("a checkpoint of the held step", lambda: _checkpoint_epoch(swarm, coord) == held, timeout=120)
     listing = get_json(swarm, coord, "/checkpoints")
     assert len(listing) <= 3 and listing[0]["epoch"] == held

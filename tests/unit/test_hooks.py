@@ -9,7 +9,7 @@ from peer import hooks
 
 def test_no_variable_no_hooks():
     loaded = hooks.load(environ={"BERTSWARM_JOIN": "x"})
-    assert loaded is hooks.NO_HOOKS and loaded.paused() is False
+    assert loaded is hooks.NO_HOOKS and loaded.paused(0) is False
     assert loaded.corrupt_gradients(object()) is None
 
 
@@ -19,6 +19,21 @@ def test_a_test_variable_loads_the_fault_hooks_with_a_loud_warning(caplog, tmp_p
         loaded = hooks.load(environ={"BERTSWARM_TEST_PAUSE_FILE": str(pause)})
     assert loaded is not hooks.NO_HOOKS and hasattr(loaded, "install") and hasattr(loaded, "corrupt_gradients")
     assert "TEST HOOKS ACTIVE (BERTSWARM_TEST_PAUSE_FILE)" in caplog.text
+
+
+def test_the_pause_file_holds_now_or_from_the_step_it_names(tmp_path, monkeypatch):
+    from peer.testing import faults
+
+    pause = tmp_path / "pause"
+    monkeypatch.setattr(faults, "PAUSE_FILE", str(pause))
+    assert not faults.paused(5)  # no file: train
+    pause.write_text("")
+    assert faults.paused(5)  # an empty file: hold at once
+    pause.write_text("7\n")
+    assert not faults.paused(5) and not faults.paused(6)  # a peer behind the named step trains on to it
+    assert faults.paused(7) and faults.paused(8)
+    monkeypatch.setattr(faults, "PAUSE_FILE", None)
+    assert not faults.paused(8)
 
 
 def test_missing_hooks_are_one_line(monkeypatch):
