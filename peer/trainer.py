@@ -246,6 +246,7 @@ class Trainer:
         self.samples_total = 0
         self.mini_steps = 0
         self.rounds: collections.Counter[str] = collections.Counter()
+        self.last_round: str | None = None  # the outcome of this session's last averaging round
         # test hooks (peer.testing) when a BERTSWARM_TEST_* variable is set, else no-ops
         self.hooks = test_hooks if test_hooks is not None else hooks.load()
 
@@ -439,7 +440,7 @@ class Trainer:
 
     def close(self) -> None:
         logger.info(
-            "leaving at step %d after contributing %d samples this session (%d in total); averaging rounds: %s",
+            "leaving at step %d after contributing %d samples this session (%d in total); averaging rounds: %s%s",
             self.opt.local_epoch,
             self.mini_steps * self.batch_size,
             self.samples_total,
@@ -448,6 +449,7 @@ class Trainer:
                 for outcome in OUTER_ROUND_OUTCOMES
                 if outcome in self.rounds or outcome in ROUND_OUTCOMES
             ),  # fmt: skip
+            "" if self.last_round is None else f"; the last one: {self.last_round}",
         )
         self.publisher.close()
         self.opt.shutdown()
@@ -456,6 +458,7 @@ class Trainer:
 
     def _on_round(self, outcome: str, group_size: int, seconds: float) -> None:
         self.rounds[outcome] += 1
+        self.last_round = outcome
         self.telemetry.rounds.labels(outcome).inc()
         if outcome in ("success", "partial"):
             self.telemetry.group_size.set(group_size)
@@ -468,6 +471,7 @@ class Trainer:
 
     def _on_outer_round(self, report: RoundReport) -> None:
         self.rounds[report.outcome] += 1
+        self.last_round = report.outcome
         t = self.telemetry
         t.outer_rounds.labels(report.outcome).inc()
         t.bytes_sent.inc(report.bytes_sent)

@@ -37,6 +37,13 @@ How peers are matched into a round (the simplest robust scheme found; alternativ
   (NoCompression, through ``OuterStateAverager``), which brings them back together (to fp32 rounding: each peer adds
   ``avg − own`` to its own value). Momentum drift is bounded by itself (a decaying sum of per-round errors);
   parameter drift is what the agreement resets.
+- **Agreement on demand.** A peer whose round failed, went partial, or went alone while others were expected knows
+  that its ``θ_outer`` is now apart from the others' (without compression nothing else would ever bring them back:
+  each later round moves every peer by the same average). It says so in the data its next round gathers
+  (``apart``); every peer of that group sees the same gathered data, so all of them run an agreement round right
+  after that round's outer step, or none does. An agreement that succeeds clears the flag; one that fails leaves it
+  for the next round. Seen in the test swarm on busy cores: a leader's ACCEPTED never reached its follower, the
+  leader waited out its all-reduce and the follower its matchmaking, and both stepped with their own pseudo-gradient.
 
 Overlap (``overlap=True``, the "eager", one-round-delayed variant): at boundary ``k`` the peer first waits for the
 rest of the round it started at boundary ``k − 1`` and applies the outer step with that averaged ``Δ_{k−1}``; then
@@ -126,6 +133,7 @@ class RoundReport:
     bytes_sent: int = 0  # estimated, see the module docstring
     bytes_received: int = 0
     agreed: bool = False  # an exact agreement round of θ_outer/momentum followed and succeeded
+    on_demand: bool = False  # that agreement was asked for by a groupmate apart from the others (not the schedule)
 
 
 @dataclasses.dataclass
@@ -149,6 +157,8 @@ class _Exchange:
     epoch: int
     group_size: int = 1
     seconds: float = 0.0
+    apart: bool = False  # this round leaves the peer apart from peers it expected (solo while others were coming)
+    agree: bool = False  # a groupmate said it was apart: the whole group agrees after this round
 
 
 class DiLoCo:
@@ -235,7 +245,7 @@ class DiLoCo:
         # before hivemind forks the averagers: they must inherit the finite-only reducer and its counter
         guards.share_rejection_counter()
         hivemind_compat.install()  # also the NumPy >= 2.4 fix of hivemind's 8-bit decoder (int8 compression)
-        opt_stats = ("momentum_buffer",) if outer_momentum > 0 and agreement_every > 0 else ()
+        opt_stats = ("momentum_buffer",) if outer_momentum > 0 else ()  # agreements: scheduled or on demand
         self.state = OuterStateAverager(
             prefix=f"{run_id}_outer",
             params=self._local,
@@ -284,6 +294,9 @@ class DiLoCo:
         # the round this peer takes part in next (or now, if ready): its outer epoch, or epoch + 1 once the
         # exchange of the current epoch is over (overlap: until the next boundary applies it)
         self._record = dict(round=0, ready=False, step=0)
+        # θ_outer may differ from the other peers' since a round that failed, went partial, or went alone while they
+        # were expected; gathered in the next round, which then ends with an agreement (module docstring)
+        self._apart = False
         self.others_seen = 0  # live peers of the run other than this one, as of the last read of the records
         self._stop = threading.Event()
         self._leaving = threading.Event()  # set on the stop signal (cancel_matchmaking): join no new group
@@ -504,15 +517,23 @@ class DiLoCo:
         elif exchange.outcome == "failed":
             self._load_pseudograd_()
         self._outer_step()
+        scheduled = self.agreement_every > 0 and self.outer_epoch % self.agreement_every == 0
+        report.on_demand = exchange.agree and not scheduled
         if (
             report.outcome in ("success", "partial")  # the same for every peer of the group: all of them agree or none
-            and self.agreement_every > 0
-            and self.outer_epoch % self.agreement_every == 0
+            and (scheduled or exchange.agree)
             and self._agree(self.outer_epoch, report.group_size)
         ):
             report.agreed = True
             report.bytes_sent += int(2 * (report.group_size - 1) / report.group_size * self._state_bytes)
             report.bytes_received = report.bytes_sent
+        if report.agreed:
+            self._apart = False
+            if report.on_demand:
+                logger.info("outer epoch %d: a groupmate was apart after a failed or partial round; the group averaged "
+                            "its outer parameters exactly and is together again", self.outer_epoch)  # fmt: skip
+        elif report.outcome in ("failed", "partial") or exchange.apart:
+            self._apart = True
         self._publish(wait=False)
         return report
 
@@ -571,6 +592,7 @@ class DiLoCo:
                     ref.copy_(outer)
         self.inner_step = 0
         self._steps_since_load = 0
+        self._apart = False  # a copy of a peer's state: apart from the others only as far as that peer is
         self.state_loads += 1
         self.last_state_load_seconds = time.perf_counter() - started
         self._after_epoch_change()
@@ -647,14 +669,14 @@ class DiLoCo:
         if not any(ready):
             if any(coming):
                 logger.info("outer round %d: the other peers did not reach the boundary in time; stepping alone", epoch)
-            return _Exchange("solo", epoch)
+            return _Exchange("solo", epoch, apart=any(coming))
         self.pseudograd.set_group_bits(_epoch_bits(epoch))
         # the group forms once every peer at the boundary is in it, not after the whole matchmaking window; a peer that
         # is ready on record but never comes (it crashed) costs the window, and the others average without it
         self.pseudograd.expect_group_size(1 + sum(ready))
         self._partial_rounds.take()  # a report left by an earlier round is not this one's
         control = self.pseudograd.step(
-            gather=dict(epoch=epoch), weight=1.0, timeout=self.matchmaking_timeout, wait=False
+            gather=dict(epoch=epoch, apart=self._apart), weight=1.0, timeout=self.matchmaking_timeout, wait=False
         )
         try:
             gathered = self._await_group(control, epoch, self.matchmaking_timeout + self.averaging_timeout + 5)
@@ -662,7 +684,7 @@ class DiLoCo:
             if self._leaving.is_set():
                 return _Exchange("failed", epoch)
             logger.warning("outer round %d: %s; stepping alone instead of waiting for a group", epoch, e)
-            return _Exchange("solo", epoch)
+            return _Exchange("solo", epoch, apart=True)
         except Exception as e:
             if not control.done():
                 control.cancel()
@@ -675,9 +697,10 @@ class DiLoCo:
             )
             return _Exchange("failed", epoch)
         if len(gathered) <= 1:
-            return _Exchange("solo", epoch)
+            return _Exchange("solo", epoch, apart=True)  # the peers on record at the boundary never joined the group
         outcome = "partial" if self._partial_rounds.take() else "success"
-        return _Exchange(outcome, epoch, group_size=len(gathered))
+        agree = any(isinstance(g, dict) and g.get("apart") is True for g in gathered.values())
+        return _Exchange(outcome, epoch, group_size=len(gathered), agree=agree)
 
     def _await_group(self, control, epoch: int, timeout: float):
         """``control.result(timeout)``, except that a round still looking for its group is cancelled (``_GroupGone``)

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from peer.config import PeerConfig
 from peer.swarm.dht import join_addresses, start_dht, stop_dht
-from peer.swarm.diloco import DiLoCo
+from peer.swarm.diloco import DiLoCo, _Exchange
 
 DEFAULTS = dict(
     index=0,
@@ -51,6 +51,7 @@ DEFAULTS = dict(
     linger=False,
     join_only=False,  # load the state from peers, dump it, exit
     delays={},  # {"b": seconds}: sleep after boundary b (a straggler)
+    fail_epochs=[],  # outer epochs whose round this worker fails on its own, as if its group never formed
 )
 BATCH, IN, HIDDEN, OUT = 5, 6, 8, 3
 
@@ -121,6 +122,8 @@ def main() -> None:
         aggregation=cfg["aggregation"],
         on_round=lambda report: reports.append(dataclasses.asdict(report)),
     )
+    if cfg["fail_epochs"]:
+        fail_rounds(engine, set(cfg["fail_epochs"]))
     try:
         if cfg["join_only"]:
             loaded = engine.load_state_from_peers()
@@ -136,6 +139,17 @@ def main() -> None:
     finally:
         engine.shutdown()
         stop_dht(dht)
+
+
+def fail_rounds(engine: DiLoCo, epochs: set[int]) -> None:
+    """The rounds of these outer epochs fail on this worker alone: it marks itself ready, then looks for no group and
+    steps with its own pseudo-gradient, as when hivemind's matchmaking loses a group (its groupmates wait in vain)."""
+    match = engine._match_and_average
+
+    def match_or_fail(epoch: int) -> _Exchange:
+        return _Exchange("failed", epoch) if epoch in epochs else match(epoch)
+
+    engine._match_and_average = match_or_fail
 
 
 def status(engine: DiLoCo) -> dict:

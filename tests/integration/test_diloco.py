@@ -337,6 +337,33 @@ def test_int8_drift_is_bounded_and_agreement_restores_equality(tmp_path, workers
 
 @pytest.mark.swarm
 @pytest.mark.timeout(90)
+def test_a_failed_round_leaves_the_peers_apart_until_the_next_round_agrees(tmp_path, workers):
+    # uncompressed, no scheduled agreement (the defaults): only the on-demand agreement can bring them back together
+    cfg = dict(rounds=3, inner_steps=2, dump_every_boundary=True)
+    first = workers(index=0, peers=2, **cfg)
+    join = first.address()
+    second = workers(index=1, peers=2, join=join, fail_epochs=[1], **cfg)  # its round of epoch 1 fails
+    for worker in (first, second):
+        worker.finish(60)
+    reports = [record(tmp_path, i)["reports"] for i in range(2)]
+    outcomes = [[r["outcome"] for r in rs] for rs in reports]
+    assert outcomes[1] == ["success", "failed", "success"], outcomes
+    assert outcomes[0][0] == "success" and outcomes[0][1] in ("solo", "failed") and outcomes[0][2] == "success"
+    drifts = []
+    for b in range(1, 4):
+        (pa, ma, ea), (pb, mb, eb) = (outer_dump(tmp_path / f"outer-{i}-{b}.safetensors") for i in range(2))
+        assert ea == eb == b
+        drifts.append(max(max_diff(pa, pb), max_diff(ma, mb)))
+    print("max |outer(0) − outer(1)| (params and momentum) per boundary:", [f"{d:.1e}" for d in drifts])
+    assert drifts[0] <= 1e-6  # together after a successful round
+    assert drifts[1] > 1e-4  # each stepped with its own pseudo-gradient
+    assert drifts[2] <= 1e-6  # both said "apart" in the next round's gathered data, so that round ended agreeing
+    for rs in reports:
+        assert [(r["agreed"], r["on_demand"]) for r in rs] == [(False, False), (False, False), (True, True)]
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(90)
 def test_overlap_two_peers_match_eager_reference(tmp_path, workers):
     rounds, h = 4, 2
     cfg = dict(

@@ -4,6 +4,7 @@ parameters, the status line and metrics, and a joiner whose explicit flags contr
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 
 import pytest
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.swarm
 # exact re-agreement are tested in test_diloco.py)
 DILOCO = ["--mode", "diloco", "--inner-steps", "16", "--outer-lr", "0.7", "--outer-momentum", "0.9",
           "--outer-compression", "none"]  # fmt: skip
-FINAL_STEP = 10  # outer steps (~1 s each here): the joiner arrives after about five, then both train together
+FINAL_STEP = 10  # outer steps (~1 s each here)
+JOIN_STEP = 3  # the first peer holds here until the joiner has loaded the state, then both train together to the end
 
 
 def get_json(swarm, peer, path):
@@ -27,9 +29,14 @@ def get_json(swarm, peer, path):
 
 @pytest.mark.timeout(300)
 def test_two_diloco_peers_agree_and_the_coordinator_checkpoints_the_outer_parameters(swarm, tmp_path):
-    a = swarm.start("a", *DILOCO, "--max-steps", str(FINAL_STEP))
+    # on busy cores the joiner's start can take as long as the first peer's whole run: hold the first one until then
+    pause = tmp_path / "pause"
+    pause.write_text(f"{JOIN_STEP}\n")
+    a = swarm.start("a", *DILOCO, "--max-steps", str(FINAL_STEP), env={"BERTSWARM_TEST_PAUSE_FILE": str(pause)})
     a.wait_for_join_address(60)
     b = swarm.start("b", "--max-steps", str(FINAL_STEP), join=a)  # adopts the run's mode from the manifest
+    swarm.wait_until("the joiner to load the held state", lambda: swarm.epoch(b) >= JOIN_STEP, timeout=120)
+    pause.unlink()
     ckpt = tmp_path / "ckpt"
     coord = swarm.start_coordinator("coord", "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--tick", "1",
                                     "--eval-batches", "2", join=a)  # fmt: skip
@@ -48,8 +55,20 @@ def test_two_diloco_peers_agree_and_the_coordinator_checkpoints_the_outer_parame
     states = [saved_state(peer) for peer in (a, b)]
     assert [epoch for _, epoch in states] == [FINAL_STEP] * 2
     diff = max_abs_diff(states[0][0], states[1][0])
-    print(f"max |outer_a - outer_b| = {diff:.2e}")
-    assert diff <= 1e-5  # both hold the same outer parameters after a successful last round
+    logs = [peer.log_path.read_text() for peer in (a, b)]
+    last = [re.search(r"; the last one: (\w+)", log) for log in logs]
+    assert all(last), [log[-2000:] for log in logs]
+    last = [m.group(1) for m in last]
+    print(f"max |outer_a - outer_b| = {diff:.2e}; last rounds: {last}")
+    for log in logs:  # they trained together from JOIN_STEP on
+        assert int(re.search(r"averaging rounds: success=(\d+)", log).group(1)) >= 3, log[-2000:]
+    if last == ["success", "success"]:
+        # the same outer parameters, also when an earlier round failed: the next one ended with an agreement
+        assert diff <= 1e-5
+    else:
+        # the last round itself was lost (seen on busy cores: a leader's ACCEPTED never reached its follower) and no
+        # round came after it to agree in; the peers said so
+        assert any(re.search(r"WARN .*(outer round|averaging round)", log) for log in logs), logs[0][-2000:]
 
     # the coordinator's checkpoints hold outer parameters of the run: the last one equals the peers' final ones when
     # it is of the final step, and is a loadable HF checkpoint in any case
@@ -57,9 +76,9 @@ def test_two_diloco_peers_agree_and_the_coordinator_checkpoints_the_outer_parame
     assert listing and all(1 <= entry["epoch"] <= FINAL_STEP for entry in listing)
     newest = ckpt / listing[0]["name"]
     weights = load_file(str(newest / "model.safetensors"))
-    if listing[0]["epoch"] == FINAL_STEP:
-        common = {k: v for k, v in states[0][0].items() if k in weights}
-        assert max_abs_diff(common, {k: weights[k] for k in common}) <= 1e-5
+    if listing[0]["epoch"] == FINAL_STEP:  # downloaded from one of them
+        common = [{k: v for k, v in state.items() if k in weights} for state, _ in states]
+        assert min(max_abs_diff(c, {k: weights[k] for k in c}) for c in common) <= 1e-5
 
     for peer in (a, b):
         log = peer.log_path.read_text()
