@@ -42,8 +42,8 @@ ALL = 0
 
 
 def config(quick: bool) -> dict:
-    return dict(per_class=200 if quick else 600, seq_len=64, pretrain_steps=40 if quick else 1200,
-                pretrain_batch=32, pretrain_lr=3e-3, pretrain_warmup=10 if quick else 150,
+    return dict(per_class=200 if quick else 600, seq_len=64, pretrain_steps=40 if quick else 3600,
+                pretrain_batch=32, pretrain_lr=3e-3, pretrain_warmup=10 if quick else 450,
                 pretrain_evals=2 if quick else 6, budgets=[16, ALL] if quick else [16, 64, 256, ALL],
                 lr_grid=[1e-3] if quick else [1e-3, 3e-3],
                 max_length=64, epochs=3 if quick else 10, min_updates=20 if quick else 120, patience=3, batch=16,

@@ -62,13 +62,13 @@ def test_two_diloco_peers_agree_and_the_coordinator_checkpoints_the_outer_parame
     print(f"max |outer_a - outer_b| = {diff:.2e}; last rounds: {last}")
     for log in logs:  # they trained together from JOIN_STEP on
         assert int(re.search(r"averaging rounds: success=(\d+)", log).group(1)) >= 3, log[-2000:]
-    if last == ["success", "success"]:
-        # the same outer parameters, also when an earlier round failed: the next one ended with an agreement
-        assert diff <= 1e-5
-    else:
-        # the last round itself was lost (seen on busy cores: a leader's ACCEPTED never reached its follower) and no
-        # round came after it to agree in; the peers said so
-        assert any(re.search(r"WARN .*(outer round|averaging round)", log) for log in logs), logs[0][-2000:]
+    # the same outer parameters, also when an earlier round failed (the next one ended with an agreement); apart only
+    # when the last round itself was lost (seen on busy cores: a leader's ACCEPTED never reached its follower), with
+    # no round after it to agree in, and then the peers said so
+    if diff > 1e-5:
+        assert last != ["success", "success"], (diff, last)
+        said = r"WARN .*(outer round|averaging round)|stepping alone"
+        assert any(re.search(said, log) for log in logs), [log[-2000:] for log in logs]
 
     # the coordinator's checkpoints hold outer parameters of the run: the last one equals the peers' final ones when
     # it is of the final step, and is a loadable HF checkpoint in any case
