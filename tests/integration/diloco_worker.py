@@ -142,12 +142,20 @@ def main() -> None:
 
 
 def fail_rounds(engine: DiLoCo, epochs: set[int]) -> None:
-    """The rounds of these outer epochs fail on this worker alone: it marks itself ready, then looks for no group and
-    steps with its own pseudo-gradient, as when hivemind's matchmaking loses a group (its groupmates wait in vain)."""
+    """The rounds of these outer epochs fail on this worker alone: it marks itself ready, looks for no group, and once
+    its groupmates are at the boundary too it waits out their matchmaking, then steps with its own pseudo-gradient, as
+    when hivemind's matchmaking loses a group (they wait in vain and step alone). Returning at once instead would let a
+    slower groupmate find this worker a round ahead and simply load its state."""
     match = engine._match_and_average
 
     def match_or_fail(epoch: int) -> _Exchange:
-        return _Exchange("failed", epoch) if epoch in epochs else match(epoch)
+        if epoch not in epochs:
+            return match(epoch)
+        deadline = time.monotonic() + 60
+        while not any(r == epoch and ready for r, ready in engine._read_records()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(engine.matchmaking_timeout + 1.0)
+        return _Exchange("failed", epoch)
 
     engine._match_and_average = match_or_fail
 
