@@ -66,8 +66,9 @@ def test_coordinator_metrics_checkpoints_and_restart(swarm, tmp_path, monkeypatc
     # names the step: an empty pause file that appears mid-round can hold one peer before its step and the other after
     held = max(swarm.epoch(a), swarm.epoch(b)) + 1
     atomic_write_text(pause, f"{held}\n")
-    swarm.wait_until("the peers to pause", lambda: _stable_epoch(swarm, a, b), timeout=60)
-    assert swarm.epoch(a) == held
+    # (a step that is merely slow, such as a state-averaging one on busy cores, is not a hold: wait for the step itself)
+    swarm.wait_until(f"the peers to hold at step {held}", lambda: swarm.epoch(a) == swarm.epoch(b) == held, timeout=90)
+    assert _stable_epoch(swarm, a, b)
     swarm.wait_until("a checkpoint of the held step", lambda: _checkpoint_epoch(swarm, coord) == held, timeout=120)
     listing = get_json(swarm, coord, "/checkpoints")
     assert len(listing) <= 3 and listing[0]["epoch"] == held
