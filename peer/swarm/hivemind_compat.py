@@ -20,8 +20,8 @@ adapt, rerun the unit and integration tests, then add the version.
   averager also takes ``peer.swarm.robust``'s aggregation and ``peer.swarm.membership``'s allowlist checks.
 - ``shutdown_dht``, ``keep_request_futures``: DHT shutdown without the tracebacks hivemind prints on every exit.
 - ``sync_lr_schedule``: the LR scheduler to the averager's epoch now (hivemind does it lazily).
-- ``configure_logging``: hivemind's log level, and silence for its benign shutdown races and LR-scheduler warning
-  (``peer.cli.setup_logging`` calls it).
+- ``configure_logging``: hivemind's log level, silence for its benign shutdown races and LR-scheduler warning, and one
+  WARNING line without a traceback for each expected round failure (``peer.cli.setup_logging`` calls it).
 
 Importing this module imports neither hivemind nor torch: ``configure_logging`` must run before hivemind's first import
 (it reads ``HIVEMIND_LOGLEVEL`` once, then), and ``check_version`` must answer before anything that could break under
@@ -540,6 +540,7 @@ def configure_logging() -> None:
     logging.getLogger("hivemind.averaging.averager").addFilter(shorten_download_failures)
     logging.getLogger("hivemind.averaging.averager").addFilter(shorten_round_failures)
     logging.getLogger("hivemind.averaging.partition").addFilter(drop_partial_round_notes)
+    logging.getLogger("hivemind.utils.asyncio").addFilter(shorten_late_group_start)
     # hivemind advances the LR scheduler to the swarm's step after loading state, before any local optimizer step
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
@@ -601,6 +602,36 @@ def shorten_round_failures(record: logging.LogRecord) -> bool:
         record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
         record.msg, record.args, record.exc_info, record.exc_text = f"averaging round failed ({causes})", (), None, None
     return True
+
+
+def shorten_late_group_start(record: logging.LogRecord) -> bool:
+    """hivemind's matchmaking race as one WARNING line, not an ERROR with a traceback (the filter is inherited by the
+    forked averager processes).
+
+    A leader's "begin the round" reaches a follower just as the follower's own matchmaking runs out of time: the
+    follower's wait has already given up on the group, and hivemind's ``follower_assemble_group`` then fails its
+    ``assert not self.assembled_group.done()``, which ``cancel_and_wait`` logs as "Exception in <coroutine ...>". The
+    follower skips that round (its caller says how it stepped); the leader's round goes on without it, in part.
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, AssertionError) and "follower_assemble_group" in _frame_names(exc.__traceback__):
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "a group leader began its round just after this peer's matchmaking had timed out; "
+            "this peer is not in that round",
+            (),
+            None,
+            None,
+        )
+    return True
+
+
+def _frame_names(tb) -> set[str]:
+    names = set()
+    while tb is not None:
+        names.add(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return names
 
 
 def drop_partial_round_notes(record: logging.LogRecord) -> bool:

@@ -359,3 +359,54 @@ def test_a_round_failed_by_the_network_is_one_warning_line_and_a_bug_keeps_its_t
     bug = record(AttributeError("'NoneType' object has no attribute 'finalize'"))
     assert hivemind_compat.shorten_round_failures(bug)
     assert bug.levelno == logging.ERROR and bug.exc_info is not None  # a bug keeps its traceback
+
+
+def test_a_leader_that_begins_after_the_followers_timeout_is_one_warning_line():
+    """hivemind's own follower_assemble_group, reached after the follower's wait gave up on the group, logged through
+    hivemind's own cancel_and_wait: what a volunteer's terminal showed as an ERROR with a traceback."""
+    import asyncio
+    import types
+
+    from hivemind.averaging.matchmaking import Matchmaking
+    from hivemind.utils.asyncio import cancel_and_wait
+
+    hivemind_compat.configure_logging()
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append
+    hivemind_logger = logging.getLogger("hivemind.utils.asyncio")
+    hivemind_logger.addHandler(capture)
+
+    async def late_begin() -> None:
+        locked = types.SimpleNamespace(locked=lambda: True)
+        timed_out = asyncio.get_running_loop().create_future()
+        timed_out.cancel()  # what look_for_group's wait_for did to the step's group at its timeout
+        follower = types.SimpleNamespace(
+            lock_looking_for_group=locked, lock_request_join_group=locked, assembled_group=timed_out
+        )
+
+        async def join_request() -> None:
+            await asyncio.sleep(0)  # the leader's answer arrives while the follower cancels its search
+            await Matchmaking.follower_assemble_group(follower, "leader", None)
+
+        task = asyncio.create_task(join_request())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await cancel_and_wait(task)
+
+    try:
+        asyncio.run(late_begin())
+    finally:
+        hivemind_logger.removeHandler(capture)
+    [record] = records
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage().startswith("a group leader began its round just after this peer's matchmaking")
+
+    try:
+        raise AssertionError("some other assertion")
+    except AssertionError:
+        bug = logging.LogRecord(
+            "hivemind.utils.asyncio", logging.ERROR, __file__, 1, "Exception in x:", (), sys.exc_info()
+        )
+    assert hivemind_compat.shorten_late_group_start(bug)
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None  # any other failed assertion keeps its traceback
