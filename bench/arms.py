@@ -37,18 +37,30 @@ def _common(cfg: dict) -> list[str]:
     return out
 
 
-def run_swarm(workdir: Path, cfg: dict, peers: int, timeout: float, hosts=None, prefixes=None, env=None) -> list[dict]:
+def run_swarm(
+    workdir: Path,
+    cfg: dict,
+    peers: int,
+    timeout: float,
+    hosts=None,
+    prefixes=None,
+    env=None,
+    args=None,
+    more_joins=None,
+) -> list[dict]:
     """``peers`` swarm peers (1 thread each); ``hosts``/``prefixes`` place peer i at an address / in a netns;
-    ``env``: {peer index: extra environment variables} (e.g. a test fault for one peer)."""
+    ``env``: {peer index: extra environment variables} (e.g. a test fault for one peer); ``args``: {peer index:
+    extra worker arguments}; ``more_joins(first peer's address) -> [addresses]``, called once the first peer is up:
+    more addresses for the others' ``--join``."""
     name = f"swarm{peers}-{uuid.uuid4().hex[:6]}"
     out = workdir / name
     hosts = hosts or ["127.0.0.1"] * peers
     prefixes = prefixes or [()] * peers
     workers: list[Worker] = []
     with workers_cleanup(workers):
-        join = None
+        joins: list[str] = []
         for i in range(peers):
-            args = [
+            worker_args = [
                 "-m",
                 "bench.train_worker",
                 "swarm",
@@ -66,11 +78,13 @@ def run_swarm(workdir: Path, cfg: dict, peers: int, timeout: float, hosts=None, 
                 hosts[i],
                 *_common(cfg),
             ]
-            if join:
-                args += ["--join", join]
-            workers.append(Worker(args, out / f"peer{i}.log", threads=1, prefix=prefixes[i], env=(env or {}).get(i)))
-            if join is None:
-                join = workers[0].wait_line("ADDRESS", timeout=60)
+            worker_args += [*(f for j in joins for f in ("--join", j)), *(args or {}).get(i, [])]
+            workers.append(
+                Worker(worker_args, out / f"peer{i}.log", threads=1, prefix=prefixes[i], env=(env or {}).get(i))
+            )
+            if not joins:
+                joins.append(workers[0].wait_line("ADDRESS", timeout=60))
+                joins += more_joins(joins[0]) if more_joins else []
         for w in workers:
             w.wait_line("DONE", timeout=timeout)
     return [

@@ -2,7 +2,7 @@
 
 ::
 
-    ns "pub" 5.77.0.1 ──┐
+    ns "pub" 5.77.0.1 ──┐ (and 5.77.0.11-13, for more public peers)
     ns "r1"  5.77.0.2 ──┤ bridge in ns "wan" (the "internet": 5.77.0.0/24)
     ns "r2"  5.77.0.3 ──┘
     ns "a"   10.78.1.2 ── lan ── r1 10.78.1.1   (r1 and r2 are home routers: they masquerade what leaves through
@@ -10,8 +10,10 @@
 
 The "internet" uses a globally routable range (5.77.0.0/24) so that peers classify it as public, as they would on
 the real internet; no namespace here has a route out of this topology, so nothing is ever sent outside it. Each
-router's nftables ruleset is a typical home NAT's: masquerade on the WAN side, and a forward chain that accepts
-outbound connections and their replies only, with no port forwards. Hosts "a" and "b" can dial "pub" but not each
+router's nftables ruleset is a typical home NAT's: masquerade on the WAN side, a forward chain that accepts
+outbound connections and their replies only, with no port forwards, and unsolicited packets to the router itself
+dropped without an answer (a router that answers them with a TCP reset defeats hole punching: measured, every punch
+failed so). Hosts "a" and "b" can dial "pub" but not each
 other, nor be dialled by "pub". Every namespace is deleted by ``close`` (deleting a namespace deletes the veth ends in
 it and their peers, and the bridge).
 """
@@ -24,19 +26,25 @@ import shutil
 import subprocess
 
 WAN = "5.77.0"
-# {public}: the public peer's address. The counters split what the home network sends out: to the public peer and to
-# anyone else (a direct or hole-punched connection to the other home network)
+# {public}: the public peer's address, {homes}: the routers' WAN addresses. The counters split what the home network
+# sends out: to the public peer, to the other home network (a direct or hole-punched connection) and to anyone else
 ROUTER_RULES = """
 table ip nat {{
   chain postrouting {{ type nat hook postrouting priority srcnat; oifname "wan0" masquerade; }}
 }}
 table ip filter {{
   counter to_public {{}}
+  counter to_homes {{}}
   counter to_others {{}}
+  chain input {{
+    type filter hook input priority filter;
+    iifname "wan0" ct state != established,related drop
+  }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
     iifname "lan0" ip daddr {public} counter name to_public
-    iifname "lan0" ip daddr != {public} counter name to_others
+    iifname "lan0" ip daddr {{ {homes} }} counter name to_homes
+    iifname "lan0" ip daddr != {{ {public}, {homes} }} counter name to_others
     ct state established,related accept
     iifname "lan0" oifname "wan0" accept
   }}
@@ -44,10 +52,23 @@ table ip filter {{
 """
 
 
+# one more public peer, a bare hivemind DHT node on an address of namespace "pub": argv = a join address, the listen
+# address. It prints "ADDRESS <its join address>". With the public peer, three of them make the four public peers that
+# libp2p needs to learn a peer's outside address, which p2pd's hole punching waits for (``peer/swarm/nat.py``)
+PUBLIC_NODE = """
+import sys, time, hivemind
+dht = hivemind.DHT(initial_peers=[sys.argv[1]], host_maddrs=[sys.argv[2]], start=True)
+print("ADDRESS", [str(a) for a in dht.get_visible_maddrs()][0], flush=True)
+time.sleep(3600)
+"""
+
+
 class NatTopology:
     """The namespaces above, named with this process's pid so that concurrent runs do not collide."""
 
     PUBLIC_IP = f"{WAN}.1"
+    # more public hosts, all in namespace "pub" (libp2p learns a peer's outside address from 4 public peers)
+    MORE_PUBLIC_IPS = (f"{WAN}.11", f"{WAN}.12", f"{WAN}.13")
     ROUTER_WAN = {"r1": f"{WAN}.2", "r2": f"{WAN}.3"}
     HOSTS = {"a": ("r1", "10.78.1"), "b": ("r2", "10.78.2")}
 
@@ -61,6 +82,11 @@ class NatTopology:
     def prefix(self, name: str) -> list[str]:
         """Command prefix that runs a program inside namespace ``name`` (``pub``, ``r1``, ``r2``, ``a``, ``b``)."""
         return ["ip", "netns", "exec", self.ns(name)]
+
+    def public_node_args(self, ip: str, join: str) -> list[str]:
+        """The interpreter's arguments for a ``PUBLIC_NODE`` on ``ip`` (one of ``MORE_PUBLIC_IPS``), joining ``join``;
+        run it with ``self.prefix("pub")``."""
+        return ["-c", PUBLIC_NODE, join, f"/ip4/{ip}/tcp/0"]
 
     def host_ip(self, name: str) -> str:
         return self.PUBLIC_IP if name == "pub" else self.ROUTER_WAN.get(name) or f"{self.HOSTS[name][1]}.2"
@@ -87,12 +113,14 @@ class NatTopology:
         for i, name in enumerate(("pub", "r1", "r2")):
             self._veth(wan, f"p{i}", self.ns(name), "wan0", f"{self.host_ip(name)}/24")
             _run("ip", "-n", wan, "link", "set", f"p{i}", "master", "br0")
+        for ip in self.MORE_PUBLIC_IPS:
+            _run("ip", "-n", self.ns("pub"), "addr", "add", f"{ip}/24", "dev", "wan0")
         for host, (router, subnet) in self.HOSTS.items():
             self._veth(self.ns(router), "lan0", self.ns(host), "eth0", f"{subnet}.2/24")
             _run("ip", "-n", self.ns(router), "addr", "add", f"{subnet}.1/24", "dev", "lan0")
             _run("ip", "-n", self.ns(host), "route", "add", "default", "via", f"{subnet}.1")
             _run("ip", "netns", "exec", self.ns(router), "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            rules = ROUTER_RULES.format(public=self.PUBLIC_IP)
+            rules = ROUTER_RULES.format(public=self.PUBLIC_IP, homes=", ".join(self.ROUTER_WAN.values()))
             _run("ip", "netns", "exec", self.ns(router), "nft", "-f", "-", stdin=rules)
 
     def _veth(self, ns_a: str, dev_a: str, ns_b: str, dev_b: str, address_b: str) -> None:
@@ -127,7 +155,8 @@ class NatTopology:
             listener.wait()
 
     def sent_bytes(self, router: str) -> dict[str, int]:
-        """Bytes the home network behind ``router`` sent out so far: ``{"to_public": ..., "to_others": ...}``."""
+        """Bytes the home network behind ``router`` sent out so far: ``{"to_public": ..., "to_homes": ...,
+        "to_others": ...}``."""
         done = subprocess.run([*self.prefix(router), "nft", "-j", "list", "counters", "table", "ip", "filter"],
                               capture_output=True, text=True, check=True)  # fmt: skip
         counters = [item["counter"] for item in json.loads(done.stdout)["nftables"] if "counter" in item]
@@ -163,7 +192,8 @@ def unavailable() -> str | None:
         return f"network namespaces are not allowed here: {done.stderr.strip()}"
     try:
         rules = subprocess.run(["ip", "netns", "exec", probe, "nft", "-f", "-"], capture_output=True, text=True,
-                               input=ROUTER_RULES.format(public=NatTopology.PUBLIC_IP))  # fmt: skip
+                               input=ROUTER_RULES.format(public=NatTopology.PUBLIC_IP,
+                                                         homes=", ".join(NatTopology.ROUTER_WAN.values())))  # fmt: skip
         if rules.returncode:
             return f"nftables rules cannot be loaded in a namespace here: {rules.stderr.strip()}"
     finally:

@@ -50,7 +50,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--index", type=int, default=0, help="swarm peer index / DDP rank")
     p.add_argument("--peers", type=int, default=1, help="swarm size / DDP world size")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--join", default=None)
+    p.add_argument("--join", action="append", default=[], help="repeatable")
+    p.add_argument("--nat", default="auto", help="the peer's --nat")
     p.add_argument("--master-port", type=int, default=0)
     p.add_argument("--matchmaking-time", type=float, default=None)
     p.add_argument("--averaging-timeout", type=float, default=None)
@@ -118,7 +119,8 @@ def swarm(args, run, result, finish) -> None:
     # flight after them (applied by ``flush``), so the trainer must not count itself finished one round early
     max_steps = args.steps + 1 if diloco and run.outer_overlap else args.steps
     cfg = PeerConfig(
-        join=[args.join] if args.join else [],
+        join=args.join,
+        nat=args.nat,
         listen=[f"/ip4/{args.host}/tcp/0"],
         state_dir=str(args.out / f"state-{args.name}"),
         batch_size=args.batch,

@@ -29,7 +29,7 @@ from peer.run.manifest import (
 from peer.run.presets import PRESET_NAMES
 from peer.swarm import addresses
 from peer.swarm.addresses import DEFAULT_LISTEN
-from peer.swarm.nat import NAT_MODES
+from peer.swarm.nat import NAT_MODES, host_kind
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "lamb")
@@ -71,7 +71,9 @@ class PeerConfig:
     )
     nat: str = setting(
         f"one of {', '.join(NAT_MODES)}; auto: join in client mode when every address this peer would announce is "
-        "private and a --join peer's is public (nobody could dial it); off: never switch by itself",
+        "private and a --join peer's is public (nobody could dial it); holepunch: instead, be reached through the "
+        "first public --join peer as a relay and connect to other peers behind NAT directly by hole punching (needs 4 "
+        "public peers in the swarm and --listen /ip4/0.0.0.0/tcp/PORT); off: never switch by itself",
         default="auto",
         group="swarm",
     )
@@ -269,6 +271,8 @@ class PeerConfig:
             raise UserError("--init-from starts a new swarm; a joining peer takes the swarm's state, drop one of them")
         if self.client_mode and self.announce:
             raise UserError("--client-mode accepts no inbound connections, so --announce makes no sense; drop one")
+        if self.nat == "holepunch":
+            _check_holepunch(self)
         if self.address_file is not None and not Path(self.address_file).expanduser().parent.is_dir():
             raise UserError(f"--address-file {self.address_file}: its directory does not exist; create it first")
         if self.batch_size and self.target_batch_size and self.batch_size > self.target_batch_size:
@@ -292,6 +296,19 @@ def field_names() -> list[str]:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _check_holepunch(cfg: PeerConfig) -> None:
+    """``--nat holepunch`` needs what a hole punch needs: a public peer to relay through, no --client-mode, and a
+    listen address that is not loopback (the punched connection leaves from the listening port)."""
+    if cfg.client_mode:
+        raise UserError("--client-mode accepts no inbound connections, so --nat holepunch makes no sense; drop one")
+    if not any(host_kind(a) == "public" for a in cfg.join):
+        raise UserError("--nat holepunch needs a --join peer with a public address to relay through; pass one, or "
+                        "drop --nat holepunch")  # fmt: skip
+    if all(host_kind(a) == "loopback" for a in cfg.listen or [DEFAULT_LISTEN]):
+        raise UserError("--nat holepunch: this peer listens on loopback only, so no connection can be punched to it; "
+                        "pass --listen /ip4/0.0.0.0/tcp/PORT")  # fmt: skip
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:

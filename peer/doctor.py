@@ -461,6 +461,8 @@ def _listen_detail(cfg: PeerConfig, visible: list[str]) -> Check:
     reach = nat.plan(cfg.nat, cfg.client_mode, cfg.join, cfg.listen, cfg.announce)
     if reach.client_mode:
         scope = f"; {'behind NAT: client mode' if reach.automatic else '--client-mode'}: accepts no inbound connections"
+    elif reach.relay == "use":
+        scope = "; behind NAT: dialled through the first public --join peer as a relay (--nat holepunch)"
     return ok("listen", f"bound {asked}, visible as {shown}{scope}")
 
 
@@ -473,6 +475,11 @@ def classify_dial_back(cfg: PeerConfig, probe: Probe) -> Check:
         why = "behind NAT, so the peer joins in client mode (--nat auto)" if reach.automatic else "--client-mode"
         return ok("dial-back", f"outbound only ({why}): peers never dial you; you train and average through reachable "
                   "peers, as long as one of them is in your group")  # fmt: skip
+    if reach.relay == "use":
+        return ok("dial-back", "behind NAT (--nat holepunch): peers dial you through the first public --join peer "
+                  "as a relay, and a hole punch then connects each of them directly once 4 public peers have seen "
+                  "your address; a router that rejects unsolicited packets instead of dropping them breaks the "
+                  "punch")  # fmt: skip
     refused = [p.peer[:12] for p in bootstrap if not p.reached_back]
     if refused:
         return fail("dial-back", f"the bootstrap peer ({', '.join(refused)}) could not open a stream back to this node",

@@ -48,8 +48,9 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
     peer_identity.use_for_this_process(key)
     hivemind_compat.install()  # before the DHT process forks: it and its p2pd inherit the lifeline (swarm/lifeline.py)
     reach = nat.plan(cfg.nat, cfg.client_mode, cfg.join, cfg.listen, cfg.announce)
-    if reach.automatic:
+    if reach.automatic or reach.relay == "use":
         logger.info(reach.reason)
+    nat.install()  # as above: p2pd reserves on the static relays at once
     try:
         return hivemind.DHT(
             initial_peers=list(cfg.join) or None,
@@ -61,6 +62,7 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
             record_validators=[RSASignatureValidator(key), *record_validators],
             check_if_identity_free=not created,  # as hivemind does for the identities it creates itself
             start=True,
+            **reach.p2p_options(),
         )
     except P2PDaemonError as e:
         raise UserError(_explain_daemon_error(str(e), cfg, identity)) from None

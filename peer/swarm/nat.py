@@ -11,13 +11,31 @@ holds at least one peer that can be dialled (it does the reducing); it does not 
 private while a ``--join`` peer's is public; ``--nat off`` never does (a forwarded port: then pass ``--announce``
 with the public address, which ``auto`` also takes as dialable). ``--client-mode`` forces it.
 
-Why not libp2p relays, which p2pd has: measured with two masquerading home routers (``tests/integration/
-test_nat.py``'s topology), a relayed connection carries 128 KiB, then the relay resets it (its log: "relayed 131072
-bytes"). p2pd v0.5.0.hivemind1 (hivemind 1.1.12's) builds its relay service with 4 GiB / 30 min limits, but with
-``-relay=1`` its main also starts a second relay with go-libp2p's default resources (``Daemon.EnableRelayV2``:
-128 KiB and 2 minutes per relayed connection), and whichever registers the hop protocol last answers: the default one
-in all but a few starts. A round of the tiny preset moves 3 MB per peer each way, so every round through a relay
-finished in part (``robust.PartialRounds``: the other peer's parts never arrived) and state downloads failed.
+``--nat holepunch`` (asked for, never picked by itself) makes a peer behind NAT a full peer instead: it averages with
+other peers behind NAT in groups of their own and serves its state. It reserves a slot on its first public ``--join``
+peer as a relay and is dialled through it; p2pd's hole punching (libp2p DCUtR, on with AutoNAT) then opens a direct
+connection between the two NATs, and every stream after it goes direct. It needs, all measured in
+``tests/integration/test_nat.py``:
+
+- four public peers connected to it: libp2p takes an outside address of its own as known only once four peers with
+  different IP addresses have reported it (go-libp2p v0.32's ``identify.ActivationThresh``), and p2pd starts its hole
+  puncher only then; with three public peers nothing was ever punched;
+- NATs that keep a port's mapping for every destination and drop unsolicited packets (most home routers): a router
+  that answers the other side's first packet with a TCP reset breaks the punch (every attempt failed that way).
+
+Until the punch, the relayed connection carries 128 KiB (below), so a round with a peer not yet punched finishes in
+part. Public peers (``auto`` or ``holepunch`` with a public address) relay for it: they declare themselves public
+(``force_reachability``) because p2pd starts its relay service only then, and AutoNAT cannot confirm it without
+other public peers to dial back.
+
+Why relays alone do not carry a round, which p2pd has: measured with two masquerading home routers
+(``tests/integration/test_nat.py``'s topology), a relayed connection carries 128 KiB, then the relay resets it (its
+log: "relayed 131072 bytes"). p2pd v0.5.0.hivemind1 (hivemind 1.1.12's) builds its relay service with 4 GiB / 30 min
+limits, but with ``-relay=1`` its main also starts a second relay with go-libp2p's default resources
+(``Daemon.EnableRelayV2``: 128 KiB and 2 minutes per relayed connection), and whichever registers the hop protocol
+last answers: the default one in all but a few starts. A round of the tiny preset moves 3 MB per peer each way, so
+every round through a relay finished in part (``robust.PartialRounds``: the other peer's parts never arrived) and
+state downloads failed.
 """
 
 from __future__ import annotations
@@ -25,12 +43,12 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peer.swarm import addresses
 from peer.swarm.addresses import DEFAULT_LISTEN
 
-NAT_MODES = ("auto", "off")
+NAT_MODES = ("auto", "holepunch", "off")
 # route lookups (UDP connect sends no packet) for a wildcard listen address when there is no --join peer to look up
 _ROUTE_PROBES = {"ip4": "192.0.2.1", "ip6": "2001:db8::1"}  # documentation addresses (RFC 5737, RFC 3849)
 
@@ -40,12 +58,24 @@ class NatPlan:
     client_mode: bool  # this peer opens every connection itself (hivemind's client mode)
     automatic: bool  # client mode was picked here (--nat auto), not asked for (--client-mode)
     reason: str  # why, for the log and the doctor
+    relay: str = "off"  # "serve": relays for peers behind NAT; "use": reached through relays, then hole-punched
+    relays: tuple[str, ...] = field(default=())  # for "use": the public --join peer to reserve a slot on
+
+    def p2p_options(self) -> dict:
+        """Keyword arguments for ``hivemind.DHT``, which passes them on to ``hivemind.P2P.create`` (its p2pd)."""
+        if self.relay == "serve":
+            return {"force_reachability": "public"}
+        if self.relay == "use":
+            return {"use_auto_relay": True, "trusted_relays": list(self.relays), "force_reachability": "private"}
+        return {}
 
 
 def plan(mode: str, client_mode: bool, join: Sequence[str], listen: Sequence[str], announce: Sequence[str]) -> NatPlan:
-    """Client mode or not. ``--client-mode`` always is; in ``auto``, a peer is when none of the addresses it would
-    announce (``own_hosts``) is public while one of its ``--join`` peers' is: then it reaches the swarm through address
-    translation, and nobody there can dial the private addresses it would announce."""
+    """Client mode or not, and the relay role. ``--client-mode`` always is client mode; in ``auto``, a peer is when
+    none of the addresses it would announce (``own_hosts``) is public while one of its ``--join`` peers' is: then it
+    reaches the swarm through address translation, and nobody there can dial the private addresses it would
+    announce. ``holepunch`` makes such a peer use its public ``--join`` peers as relays instead. A peer with a public
+    address relays (``auto`` and ``holepunch``)."""
     if client_mode:
         return NatPlan(True, False, "--client-mode: outbound connections only")
     if mode == "off":
@@ -53,9 +83,18 @@ def plan(mode: str, client_mode: bool, join: Sequence[str], listen: Sequence[str
     mine = own_hosts(listen, announce, join)
     if any(kind == "public" for _, kind in mine):
         shown = ", ".join(host for host, kind in mine if kind == "public")
-        return NatPlan(False, False, f"public address {shown}: the swarm dials this peer")
+        return NatPlan(False, False, f"public address {shown}: the swarm dials this peer, and it relays for peers "
+                       "behind NAT (--nat holepunch)", relay="serve")  # fmt: skip
+    # a relayed peer cannot relay for others. One relay: p2pd's autorelay reserves on its static relays only once every
+    # one of them has answered as a relay (go-libp2p v0.32 ``WithStaticRelays``: as many candidates as relays), and a
+    # public peer that is not a bertswarm peer need not relay (measured: a bare hivemind node did not)
+    public_join = tuple(a for a in join if host_kind(a) == "public" and "/p2p-circuit" not in a)[:1]
+    shown = ", ".join(host for host, _ in mine) or "none"
+    if public_join and mode == "holepunch":
+        return NatPlan(False, False, f"behind NAT ({shown}): reached through the first public --join peer as a relay "
+                       "until a hole punch connects each peer directly (needs 4 public peers in the swarm)",
+                       relay="use", relays=public_join)  # fmt: skip
     if any(host_kind(a) == "public" for a in join):
-        shown = ", ".join(host for host, _ in mine) or "none"
         return NatPlan(True, True, f"behind NAT: this machine's addresses are private ({shown}) and the swarm is on "
                        "the internet, so nobody there can dial it: joining in client mode (it trains and averages "
                        "through the swarm's reachable peers, but serves no state). With a forwarded port, pass "
@@ -105,3 +144,26 @@ def route_source(target: str, family: int) -> str | None:
             return probe.getsockname()[0]
         except OSError:
             return None
+
+
+def install() -> None:
+    """Let hivemind pass ``-relayDiscovery=0`` with static relays (idempotent; before the DHT process forks).
+
+    hivemind 1.1.12 accepts ``use_relay_discovery`` but passes nothing (deprecated), and p2pd leaves discovery on, in
+    which case it feeds the static relays through the discovery path, where autorelay waits up to 3 minutes for 4 relay
+    candidates before reserving a slot on fewer (measured: with three public peers, nobody found the relayed peer for
+    the whole run). With discovery off, the static relays are all the candidates there are, and the reservation is
+    made at once."""
+    from hivemind.p2p import P2P
+
+    if getattr(P2P._make_process_args, "_bertswarm_static_relays", False):
+        return
+    original = P2P._make_process_args
+
+    def make_process_args(*args, **kwargs):
+        if kwargs.get("autoRelay") and kwargs.get("trustedRelays"):
+            kwargs["relayDiscovery"] = False
+        return original(*args, **kwargs)
+
+    make_process_args._bertswarm_static_relays = True
+    P2P._make_process_args = staticmethod(make_process_args)

@@ -1,4 +1,5 @@
-"""Two peers behind two different NATs average with each other, through a public peer (issue 16).
+"""Two peers behind two different NATs average with each other: through a public peer in client mode (``--nat auto``),
+or directly once a hole punch connects them (``--nat holepunch``) (issue 16).
 
 Three ``bertswarm-peer`` processes in network namespaces (``bench/netns.py``): a public peer that starts the run and
 two peers, each behind its own masquerading router, that cannot dial each other nor be dialled. Every peer runs with
@@ -7,12 +8,20 @@ private peers find that they reach a public swarm from private addresses and joi
 (``peer/swarm/nat.py``). They pass when all three complete rounds in the same groups of 3 (through a libp2p relay
 every round was ``partial``: the other peer's parts never arrived) and hold the same weights after an averaged step,
 while the routers' counters show each home network sent its share to the public peer and nothing to the other home.
+
+With ``--nat holepunch`` the private peers are dialled through the public peer as a relay until p2pd's hole punch
+connects them directly; three more public DHT nodes make the four public peers libp2p needs to learn a peer's outside
+address. They pass when the homes exchange round data directly, and when, after the public peer has left, the two
+keep averaging with each other in groups of 2: no reachable peer is left in their group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +71,13 @@ class NsPeer(LocalPeer):
         if match is None:
             raise KeyError(f"{name}{{{labels}}} not in metrics of {self.name}")
         return float(match.group(1))
+
+
+def _metric_or_none(peer: NsPeer, name: str, labels: str = "") -> float | None:
+    try:
+        return peer.metric(name, labels)
+    except (OSError, KeyError):
+        return None
 
 
 def _fingerprints(path: Path) -> dict[int, list[float]]:
@@ -141,9 +157,85 @@ def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_c
             # each home network sent its share of every round (half of its 6 MB of fp32 gradients, and more: the
             # public peer reduces every part) to the public peer, and not one packet to the other home network
             sent = {r: topo.sent_bytes(r) for r in ("r1", "r2")}
-            assert all(s["to_public"] > 3 * 3_000_000 and s["to_others"] == 0 for s in sent.values()), sent
+            assert all(
+                s["to_public"] > 3 * 3_000_000 and s["to_homes"] == s["to_others"] == 0 for s in sent.values()
+            ), sent
             print(f"peers behind NAT averaged {rounds} times in groups of 3 ({partial} partial) within {elapsed:.0f} s "
                   f"of the public peer's start; bytes sent out of each home network: {sent}")  # fmt: skip
         finally:
             for p in peers:
                 p.stop(timeout=15)
+
+
+def _rounds_in_groups(peers: list[NsPeer], size: int) -> dict[str, float | None]:
+    """Successful rounds so far of each peer whose last group had ``size`` peers (None otherwise)."""
+    counts = {}
+    for p in peers:
+        group = _metric_or_none(p, "bertswarm_peer_averaging_group_size")
+        counts[p.name] = _metric_or_none(p, "bertswarm_peer_averaging_rounds_total", SUCCESS) if group == size else None
+    return counts
+
+
+@pytest.mark.timeout(240)
+def test_private_peers_punch_through_two_nats_and_average_without_a_public_peer(tmp_path, small_corpus):
+    reason = netns.unavailable()
+    assert reason is None, f"the NAT test cannot run here: {reason}; run make test as root with iproute2 and nftables"
+    common = [*FAST, "--averaging-timeout", "40", "--data", str(small_corpus), "--metrics-port", str(METRICS_PORT)]
+    peers: list[NsPeer] = []
+    observers: list[subprocess.Popen] = []
+    with netns.NatTopology() as topo:
+        try:
+            pub = NsPeer("pub", topo, tmp_path, [*common, "--listen", f"/ip4/{topo.PUBLIC_IP}/tcp/31337"], env={})
+            peers.append(pub)
+            joins = [pub.wait_for_join_address(60)]
+            for ip in topo.MORE_PUBLIC_IPS:
+                observer = subprocess.Popen([*topo.prefix("pub"), sys.executable, *topo.public_node_args(ip, joins[0])],
+                                            stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                observers.append(observer)
+                joins.append(observer.stdout.readline().removeprefix("ADDRESS").strip())
+                assert f"/ip4/{ip}/" in joins[-1], f"the public node on {ip} did not start: {joins[-1]!r}"
+            private = [*common, "--nat", "holepunch", "--listen", "/ip4/0.0.0.0/tcp/0"]
+            for name in ("a", "b"):
+                peers.append(NsPeer(name, topo, tmp_path, [*private, *(f for j in joins for f in ("--join", j))],
+                                    env={}))  # fmt: skip
+
+            # 1. three peers: once the punch is through, the homes send round data to each other directly
+            deadline, sent, rounds = time.monotonic() + 120, {}, {}
+            while time.monotonic() < deadline:
+                for p in peers:
+                    assert p.alive(), f"{p.name} exited with {p.proc.poll()}:\n{p.log_tail()}"
+                sent = {r: topo.sent_bytes(r) for r in ("r1", "r2")}
+                rounds = _rounds_in_groups(peers, 3)
+                if all(s["to_homes"] > 2_000_000 for s in sent.values()) and all(v and v >= 2 for v in rounds.values()):
+                    break
+                time.sleep(1.0)
+            logs = "\n".join(f"--- {p.name}\n{p.log_tail(20)}" for p in peers)
+            assert all(s["to_homes"] > 2_000_000 for s in sent.values()), f"no direct traffic: {sent}\n{logs}"
+            assert all(v and v >= 2 for v in rounds.values()), f"rounds in groups of 3: {rounds}\n{logs}"
+            for p in peers[1:]:
+                assert "reached through the first public --join peer as a relay" in p.log_path.read_text(), p.name
+                assert "client mode" not in p.log_path.read_text()
+
+            # 2. the public peer leaves: the two private peers average with each other alone, over the punched link
+            assert pub.stop(timeout=30) == 0, pub.log_tail()
+            before = {p.name: _metric_or_none(p, "bertswarm_peer_averaging_rounds_total", SUCCESS) for p in peers[1:]}
+            deadline, pair = time.monotonic() + 90, {}
+            while time.monotonic() < deadline:
+                for p in peers[1:]:
+                    assert p.alive(), f"{p.name} exited with {p.proc.poll()}:\n{p.log_tail()}"
+                pair = _rounds_in_groups(peers[1:], 2)
+                if all(pair[n] is not None and pair[n] >= before[n] + 2 for n in pair):
+                    break
+                time.sleep(1.0)
+            logs = "\n".join(f"--- {p.name}\n{p.log_tail(20)}" for p in peers[1:])
+            assert all(pair[n] is not None and pair[n] >= before[n] + 2 for n in pair), f"{before} {pair}\n{logs}"
+            sent = {r: topo.sent_bytes(r) for r in ("r1", "r2")}
+            print(f"punched through: {rounds} rounds in groups of 3, then {pair} in groups of 2 without the public "
+                  f"peer; bytes each home sent: {sent}")  # fmt: skip
+        finally:
+            for p in peers:
+                p.stop(timeout=15)
+            for observer in observers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(observer.pid, signal.SIGKILL)
+                observer.wait()

@@ -156,6 +156,17 @@ def test_behind_nat_the_peer_joins_in_client_mode_by_itself(listen):
     assert "behind NAT: client mode" in doctor._listen_detail(cfg, ["/ip4/192.168.1.3/tcp/5"]).detail
 
 
+def test_behind_nat_with_holepunch_the_doctor_says_how_the_peer_is_reached(monkeypatch):
+    from peer.swarm import nat
+
+    monkeypatch.setattr(nat, "route_source", lambda target, family: "192.168.1.3")
+    cfg = joining("8.8.8.8", listen=["/ip4/0.0.0.0/tcp/0"], nat="holepunch")
+    check = doctor.classify_dial_back(cfg, probe(["/ip4/192.168.1.3/tcp/5"]))
+    assert check.status == "ok" and "through the first public --join peer as a relay" in check.detail, check
+    assert "4 public peers" in check.detail
+    assert "--nat holepunch" in doctor._listen_detail(cfg, ["/ip4/192.168.1.3/tcp/5"]).detail
+
+
 def test_dial_back_refused_and_client_mode():
     refused = doctor.classify_dial_back(joining("127.0.0.1"), probe(["/ip4/127.0.0.1/tcp/5"], reached_back=False))
     assert refused.status == "fail" and "could not open a stream back" in refused.detail

@@ -60,3 +60,52 @@ def test_config_checks_the_nat_flag():
     with pytest.raises(UserError, match="--nat"):
         PeerConfig(nat="sometimes").validate()
     assert PeerConfig(nat="off").validate().nat == "off"
+
+
+def test_holepunch_relays_through_the_public_join_peers(monkeypatch):
+    monkeypatch.setattr(nat, "route_source", lambda target, family: "10.78.1.2")  # a home network
+    joins = [join("5.77.0.1"), join("192.168.1.2"), join("5.77.0.11")]
+    punched = nat.plan("holepunch", False, joins, ["/ip4/0.0.0.0/tcp/0"], [])
+    assert not punched.client_mode and punched.relay == "use", punched
+    assert punched.relays == (join("5.77.0.1"),)  # the first public one: p2pd waits for every static relay to answer
+    lan_first = nat.plan("holepunch", False, joins[1:], ["/ip4/0.0.0.0/tcp/0"], [])
+    assert lan_first.relays == (join("5.77.0.11"),)  # a LAN peer cannot relay for the internet
+    assert punched.p2p_options() == {"use_auto_relay": True, "trusted_relays": list(punched.relays),
+                                     "force_reachability": "private"}  # fmt: skip
+    assert "4 public peers" in punched.reason
+    # auto never picks it: client mode, as before
+    assert nat.plan("auto", False, joins, ["/ip4/0.0.0.0/tcp/0"], []).client_mode
+
+
+@pytest.mark.parametrize("mode", ["auto", "holepunch"])
+def test_a_public_peer_relays_for_peers_behind_nat(mode):
+    public = nat.plan(mode, False, [], ["/ip4/5.77.0.1/tcp/31337"], [])
+    assert public.relay == "serve" and public.p2p_options() == {"force_reachability": "public"}
+    for local in (nat.plan(mode, False, [], [], []), nat.plan("off", False, [], ["/ip4/5.77.0.1/tcp/1"], [])):
+        assert local.relay == "off" and local.p2p_options() == {}  # one machine, or --nat off: p2pd as hivemind has it
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"join": [join("5.77.0.1")], "listen": ["/ip4/0.0.0.0/tcp/0"], "client_mode": True}, "--client-mode"),
+        ({"join": [join("192.168.1.2")], "listen": ["/ip4/0.0.0.0/tcp/0"]}, "a --join peer with a public address"),
+        ({"join": [], "listen": ["/ip4/0.0.0.0/tcp/0"]}, "a --join peer with a public address"),
+        ({"join": [join("5.77.0.1")]}, "listens on loopback only"),
+    ],
+)
+def test_config_refuses_a_holepunch_that_cannot_work(kwargs, words):
+    with pytest.raises(UserError, match=words) as e:
+        PeerConfig(nat="holepunch", **kwargs).validate()
+    assert "\n" not in str(e.value)
+    assert PeerConfig(nat="holepunch", join=[join("5.77.0.1")], listen=["/ip4/0.0.0.0/tcp/0"]).validate()
+
+
+def test_install_turns_relay_discovery_off_only_with_static_relays():
+    from hivemind.p2p import P2P
+
+    nat.install()
+    nat.install()  # idempotent
+    static = P2P._make_process_args("p2pd", autoRelay=True, trustedRelays="/ip4/5.77.0.1/tcp/1/p2p/x")
+    assert "-relayDiscovery=0" in static
+    assert not any(a.startswith("-relayDiscovery") for a in P2P._make_process_args("p2pd", autoRelay=False))
