@@ -12,8 +12,8 @@ The "internet" uses a globally routable range (5.77.0.0/24) so that peers classi
 the real internet; no namespace here has a route out of this topology, so nothing is ever sent outside it. Each
 router's nftables ruleset is a typical home NAT's: masquerade on the WAN side, a forward chain that accepts
 outbound connections and their replies only, with no port forwards, and unsolicited packets to the router itself
-dropped without an answer (a router that answers them with a TCP reset defeats hole punching: measured, every punch
-failed so). Hosts "a" and "b" can dial "pub" but not each
+dropped without an answer (``stealth``; a router that answers them with a TCP reset defeats hole punching: measured,
+every punch failed so). Hosts "a" and "b" can dial "pub" but not each
 other, nor be dialled by "pub". Every namespace is deleted by ``close`` (deleting a namespace deletes the veth ends in
 it and their peers, and the bridge).
 """
@@ -38,7 +38,6 @@ table ip filter {{
   counter to_others {{}}
   chain input {{
     type filter hook input priority filter;
-    iifname "wan0" ct state != established,related drop
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
@@ -122,6 +121,18 @@ class NatTopology:
             _run("ip", "netns", "exec", self.ns(router), "sysctl", "-qw", "net.ipv4.ip_forward=1")
             rules = ROUTER_RULES.format(public=self.PUBLIC_IP, homes=", ".join(self.ROUTER_WAN.values()))
             _run("ip", "netns", "exec", self.ns(router), "nft", "-f", "-", stdin=rules)
+        self.stealth(True)
+
+    def stealth(self, on: bool) -> None:
+        """Whether the routers drop unsolicited packets to themselves (on, as built: a home router) or answer them
+        (off: processes run in the routers' namespaces as public hosts, bench scenario nat's direct arm). Dropped at
+        input, before conntrack confirms the packet: a router that answers with a reset keeps a conntrack entry for
+        that address pair, and its masquerade then maps the inside peer's own packet to that pair to another port."""
+        for router in self.ROUTER_WAN:
+            _run(*self.prefix(router), "nft", "flush", "chain", "ip", "filter", "input")
+            if on:
+                _run(*self.prefix(router), "nft", "add", "rule", "ip", "filter", "input", "iifname", "wan0", "ct",
+                     "state", "{", "new,", "invalid", "}", "drop")  # fmt: skip
 
     def _veth(self, ns_a: str, dev_a: str, ns_b: str, dev_b: str, address_b: str) -> None:
         """A veth pair from ``ns_a`` (``dev_a``, no address) to ``ns_b`` (``dev_b`` with ``address_b``), both up."""

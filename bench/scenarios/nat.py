@@ -37,6 +37,7 @@ def _run_arm(workdir, topo: netns.NatTopology, cfg: dict, arm: str) -> list[dict
         return [node.wait_line("ADDRESS", timeout=60) for node in nodes]
 
     punch = arm == "holepunch"
+    topo.stealth(arm != "direct")  # the direct arm's peers run in the routers' namespaces, as public hosts
     try:
         return arms.run_swarm(workdir, cfg, 3, timeout=400, hosts=[topo.host_ip(n) for n in names],
                               prefixes=[tuple(topo.prefix(n)) for n in names], args=PUNCHED if punch else None,

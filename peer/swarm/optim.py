@@ -263,11 +263,17 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
 
     def cancel_matchmaking(self) -> bool:
         """Abandon averaging rounds still looking for a group, so a leaving peer is not held for the averaging
-        timeout; a round already exchanging tensors is left to finish (cancelling it would fail it for the group)."""
+        timeout; a round already exchanging tensors is left to finish (cancelling it would fail it for the group).
+        From now on, a step begins no state averaging round either (``state_round_wanted``): the stop signal calls
+        this, and a stop that landed in a state averaging step waited for that round's group."""
+        self._stopping = True
         cancelled = False
         for control in self._rounds_looking_for_group():
             cancelled = control.cancel() or cancelled
         return cancelled
+
+    def state_round_wanted(self) -> bool:
+        return not getattr(self, "_stopping", False)
 
     def leave_swarm(self) -> None:
         """Stop taking part, first thing when leaving: no more matchmaking, and this peer's progress record replaced

@@ -106,9 +106,10 @@ class Swarm:
 
     def wait_clear_of_state_averaging(self, peer: LocalPeer, timeout: float = 120) -> None:
         """Wait until neither of ``peer``'s next two steps is a state-averaging one (every ``STATE_AVERAGING_EVERY``).
-        A stop signal during such a step can still take longer than 10 s to end (a known gap, issue 16: hivemind
-        begins the state round after the signal cancelled the gradient round, and waits for a group); the stop tests
-        that time the general path send their signal away from it."""
+        A stop signal during such a step took 15-23 s to end: hivemind began the state round after the signal had
+        cancelled the gradient round, and waited for a group. A stopping peer now begins none
+        (``SwarmOptimizer.state_round_wanted``, ``test_hivemind_compat::test_a_stopping_peer_begins_no_state_averaging_
+        round``); the stop tests that time the general path still send their signal away from it, as measured."""
         from peer.swarm.optim import STATE_AVERAGING_EVERY
 
         deadline = time.monotonic() + timeout

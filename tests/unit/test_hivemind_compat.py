@@ -193,7 +193,7 @@ def test_an_averager_shut_down_mid_round_stops_at_once_and_frees_its_tensors(two
         staying.shutdown()
 
 
-def _swarm_optimizer(dht, seed: int, grad_averager=None):
+def _swarm_optimizer(dht, seed: int, grad_averager=None, averaging_timeout: float = 30.0):
     """A sync-mode SwarmOptimizer of a tiny model as a peer builds it; a global batch of 2 peers' steps of 4."""
     from hivemind.utils.crypto import RSAPrivateKey
 
@@ -210,7 +210,7 @@ def _swarm_optimizer(dht, seed: int, grad_averager=None):
     # a peer's progress record is keyed by its process-wide RSA key: one of its own, as in its own process
     RSAPrivateKey._process_wide_key = RSAPrivateKey()
     try:
-        opt = make_optimizer(model, run, dht, batch_size=4, matchmaking_time=1.0, averaging_timeout=30.0)
+        opt = make_optimizer(model, run, dht, batch_size=4, matchmaking_time=1.0, averaging_timeout=averaging_timeout)
     finally:
         hivemind_compat.RobustGradientAverager, RSAPrivateKey._process_wide_key = real_averager, real_key
     return model, opt
@@ -319,6 +319,65 @@ def test_a_step_interrupted_by_the_stop_deadline_is_abandoned_and_its_round_drop
         partner.shutdown()
         if opt.is_alive():
             opt.shutdown()
+
+
+@pytest.mark.timeout(180)
+def test_a_stopping_peer_begins_no_state_averaging_round(two_dhts):
+    """The stop signal's ``cancel_matchmaking`` also keeps every later step from beginning a state averaging round
+    (hivemind's parameter and optimizer-state average every ``STATE_AVERAGING_EVERY`` steps; every 2nd here). A stop
+    that landed in such a step took 15-23 s to exit: hivemind began the state round after the stop had cancelled the
+    gradient round and waited for its group, while the trainer's deadline was held back (``applying_step``). Before
+    the stop the same steps do average the state: the control that the test reaches such steps."""
+    import threading
+
+    # rounds that miss each other (the two step on their own) fail after 5 s instead of 30
+    model, opt = _swarm_optimizer(two_dhts[0], seed=1, averaging_timeout=5.0)
+    partner_model, partner = _swarm_optimizer(two_dhts[1], seed=2, averaging_timeout=5.0)
+    for o in (opt, partner):
+        o.average_state_every = 2
+    stopped, rounds = [False], []  # (stopped yet, whether the step began a state averaging round)
+    real_step = opt.state_averager.step
+
+    def spy(*args, **kwargs):
+        if kwargs.get("increment_epoch"):  # a global step (not a delayed update's wait)
+            rounds.append((stopped[0], bool(kwargs.get("averaging_round"))))
+        return real_step(*args, **kwargs)
+
+    opt.state_averager.step = spy
+    partner_steps = threading.Event()
+    partner_steps.set()
+
+    def partner_loop():
+        while partner_steps.is_set():
+            _accumulate(partner_model)
+            partner.step()
+            time.sleep(0.05)
+
+    def step_until(done, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"stuck: {rounds}"
+            _accumulate(model)
+            opt.step()
+            time.sleep(0.05)
+
+    partner_thread = threading.Thread(target=partner_loop, daemon=True)
+    try:
+        partner_thread.start()
+        step_until(lambda: any(began for _, began in rounds))
+        assert rounds[-1] == (False, True)
+        step_until(lambda: opt.local_epoch % 2 == 1)  # the next step is a state averaging one
+        stopped[0] = True
+        opt.cancel_matchmaking()  # what the stop signal calls (trainer.run: stop.on_stop)
+        step_until(lambda: any(was_stopped for was_stopped, _ in rounds))
+        assert opt.local_epoch % 2 == 0 and rounds[-1] == (True, False), (opt.local_epoch, rounds)
+        assert opt.scheduled_state is None or opt.scheduled_state.done()
+    finally:
+        partner_steps.clear()
+        opt.state_averager.step = real_step
+        opt.shutdown()
+        partner.shutdown()
+        partner_thread.join(10)
 
 
 def test_hivemind_notes_of_a_partial_round_are_dropped_for_bertswarms_own_line():
