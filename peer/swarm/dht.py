@@ -52,7 +52,7 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
         logger.info(reach.reason)
     nat.install()  # as above: p2pd reserves on the static relays at once
     try:
-        return hivemind.DHT(
+        dht = hivemind.DHT(
             initial_peers=list(cfg.join) or None,
             host_maddrs=list(cfg.listen) or [DEFAULT_LISTEN],
             announce_maddrs=list(cfg.announce) or None,
@@ -66,6 +66,9 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
         )
     except P2PDaemonError as e:
         raise UserError(_explain_daemon_error(str(e), cfg, identity)) from None
+    if reach.relay == "use":
+        nat.retry_punches(dht)
+    return dht
 
 
 def _explain_daemon_error(message: str, cfg: DhtSettings, identity: Path) -> str:

@@ -109,3 +109,33 @@ def test_install_turns_relay_discovery_off_only_with_static_relays():
     static = P2P._make_process_args("p2pd", autoRelay=True, trustedRelays="/ip4/5.77.0.1/tcp/1/p2p/x")
     assert "-relayDiscovery=0" in static
     assert not any(a.startswith("-relayDiscovery") for a in P2P._make_process_args("p2pd", autoRelay=False))
+
+
+def test_only_peers_reached_through_a_relay_alone_are_dropped():
+    import asyncio
+    import types
+
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    others = ("QmVpRS6rQQmWrPbvQVakaKVtT2gbZMdYLx2yWS5nXugSgU", "QmYg4LJmohmHVgYT7oFDnFqbuVUr1Lo7HhhFa8zZJZvrSY")
+    relay, punched, relayed = (PeerID.from_base58(p) for p in (PEER_ID, *others))
+    circuit = Multiaddr(f"/ip4/5.77.0.1/tcp/4000/p2p/{PEER_ID}/p2p-circuit")
+    connections = [
+        types.SimpleNamespace(peer_id=relay, addrs=[Multiaddr("/ip4/5.77.0.1/tcp/4000")]),
+        types.SimpleNamespace(peer_id=punched, addrs=[circuit]),  # its relayed connection, and the punched one
+        types.SimpleNamespace(peer_id=punched, addrs=[Multiaddr("/ip4/5.77.0.3/tcp/4002")]),
+        types.SimpleNamespace(peer_id=relayed, addrs=[circuit]),
+    ]
+    dropped = []
+
+    async def list_peers():
+        return connections
+
+    async def disconnect(peer):
+        dropped.append(peer)
+
+    client = types.SimpleNamespace(disconnect=disconnect)
+    node = types.SimpleNamespace(p2p=types.SimpleNamespace(list_peers=list_peers, _client=client))
+    assert asyncio.run(nat.drop_relayed_connections(None, node)) == (2, 1)
+    assert dropped == [relayed]
