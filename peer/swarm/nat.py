@@ -14,8 +14,8 @@ with the public address, which ``auto`` also takes as dialable). ``--client-mode
 ``--nat holepunch`` (asked for, never picked by itself) makes a peer behind NAT a full peer instead: it averages with
 other peers behind NAT in groups of their own and serves its state. It reserves a slot on its first public ``--join``
 peer as a relay and is dialled through it; p2pd's hole punching (libp2p DCUtR, on with AutoNAT) then opens a direct
-connection between the two NATs, and every stream after it goes direct. It needs, all measured in
-``tests/integration/test_nat.py``:
+connection between the two NATs, and every stream after it goes direct (``tests/integration/test_nat.py``). It
+needs, as measured with bare p2pd nodes in ``bench/netns.py``'s topology:
 
 - four public peers connected to it: libp2p takes an outside address of its own as known only once four peers with
   different IP addresses have reported it (go-libp2p v0.32's ``identify.ActivationThresh``), and p2pd starts its hole
@@ -86,8 +86,8 @@ def plan(mode: str, client_mode: bool, join: Sequence[str], listen: Sequence[str
     """Client mode or not, and the relay role. ``--client-mode`` always is client mode; in ``auto``, a peer is when
     none of the addresses it would announce (``own_hosts``) is public while one of its ``--join`` peers' is: then it
     reaches the swarm through address translation, and nobody there can dial the private addresses it would
-    announce. ``holepunch`` makes such a peer use its public ``--join`` peers as relays instead. A peer with a public
-    address relays (``auto`` and ``holepunch``)."""
+    announce. ``holepunch`` makes such a peer use its first public ``--join`` peer as a relay instead. A peer with a
+    public address relays (``auto`` and ``holepunch``)."""
     if client_mode:
         return NatPlan(True, False, "--client-mode: outbound connections only")
     if mode == "off":

@@ -90,7 +90,12 @@ def test_two_peer_swarm_matches_single_process(tmp_path):
 
     records = [json.loads((tmp_path / f"record-{i}.json").read_text()) for i in range(2)]
     for record in records:
-        assert all(outcome == "success" and size == 2 for outcome, size in record["rounds"]), record["rounds"]
+        # a round in part here is rare (1 in many full-suite runs) and its cause is not found yet: the workers' logs
+        # keep hivemind's reasons for dropping a reducer or sender (its DEBUG lines), shown with the failure
+        logs = {i: (tmp_path / f"worker-{i}.log").read_text().splitlines() for i in range(2)}
+        why = [f"worker-{i}: {line}" for i, lines in logs.items() for line in lines
+               if "aught" in line or "failed" in line or "Error" in line]  # fmt: skip
+        assert all(outcome == "success" and size == 2 for outcome, size in record["rounds"]), (record["rounds"], why)
     contributions = {
         epoch: [(peer, k) for peer in range(2) for k in records[peer]["contributions"].get(str(epoch), [])]
         for epoch in range(STEPS)
