@@ -73,6 +73,16 @@ class NsPeer(LocalPeer):
         return float(match.group(1))
 
 
+def _peer_args(small_corpus: Path) -> list[str]:
+    """Every NAT test's peer flags, once the namespaces are known to work here."""
+    reason = netns.unavailable()
+    # never skipped: it needs root, ip and nft (.ci/run installs iproute2 and nftables; CI and make test run as root)
+    assert reason is None, f"the NAT test cannot run here: {reason}; run make test as root with iproute2 and nftables"
+    # in client mode the public peer reduces every part of every round: on 2 busy cores its groupmates' next parts came
+    # later than FAST's 7.5 s (half the averaging timeout) and it dropped both of them
+    return [*FAST, "--averaging-timeout", "40", "--data", str(small_corpus), "--metrics-port", str(METRICS_PORT)]
+
+
 def _metric_or_none(peer: NsPeer, name: str, labels: str = "") -> float | None:
     try:
         return peer.metric(name, labels)
@@ -88,12 +98,7 @@ def _fingerprints(path: Path) -> dict[int, list[float]]:
 
 @pytest.mark.timeout(180)
 def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_corpus):
-    reason = netns.unavailable()
-    # never skipped: it needs root, ip and nft (.ci/run installs iproute2 and nftables; CI and make test run as root)
-    assert reason is None, f"the NAT test cannot run here: {reason}; run make test as root with iproute2 and nftables"
-    # the public peer reduces every part of every round (the others are in client mode): on 2 busy cores its
-    # groupmates' next parts came later than FAST's 7.5 s (half the averaging timeout) and it dropped both of them
-    common = [*FAST, "--averaging-timeout", "40", "--data", str(small_corpus), "--metrics-port", str(METRICS_PORT)]
+    common = _peer_args(small_corpus)
     peers: list[NsPeer] = []
     with netns.NatTopology() as topo:
         try:
@@ -178,9 +183,7 @@ def _rounds_in_groups(peers: list[NsPeer], size: int) -> dict[str, float | None]
 
 @pytest.mark.timeout(240)
 def test_private_peers_punch_through_two_nats_and_average_without_a_public_peer(tmp_path, small_corpus):
-    reason = netns.unavailable()
-    assert reason is None, f"the NAT test cannot run here: {reason}; run make test as root with iproute2 and nftables"
-    common = [*FAST, "--averaging-timeout", "40", "--data", str(small_corpus), "--metrics-port", str(METRICS_PORT)]
+    common = _peer_args(small_corpus)
     peers: list[NsPeer] = []
     observers: list[subprocess.Popen] = []
     with netns.NatTopology() as topo:
