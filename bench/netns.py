@@ -126,8 +126,9 @@ class NatTopology:
     def stealth(self, on: bool) -> None:
         """Whether the routers drop unsolicited packets to themselves (on, as built: a home router) or answer them
         (off: processes run in the routers' namespaces as public hosts, bench scenario nat's direct arm). Dropped at
-        input, before conntrack confirms the packet: a router that answers with a reset keeps a conntrack entry for
-        that address pair, and its masquerade then maps the inside peer's own packet to that pair to another port."""
+        input, before conntrack confirms the packet. With resets every punch failed; our reading (not verified): the
+        reset closes the punching peer's attempt, and the answered packet leaves a conntrack entry for that address
+        pair, so the masquerade maps the inside peer's own packet to that pair to another port."""
         for router in self.ROUTER_WAN:
             _run(*self.prefix(router), "nft", "flush", "chain", "ip", "filter", "input")
             if on:
