@@ -24,6 +24,9 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
+
+from bench.common import Worker
 
 WAN = "5.77.0"
 # {public}: the public peer's address, {homes}: the routers' WAN addresses. The counters split what the home network
@@ -82,10 +85,19 @@ class NatTopology:
         """Command prefix that runs a program inside namespace ``name`` (``pub``, ``r1``, ``r2``, ``a``, ``b``)."""
         return ["ip", "netns", "exec", self.ns(name)]
 
-    def public_node_args(self, ip: str, join: str) -> list[str]:
-        """The interpreter's arguments for a ``PUBLIC_NODE`` on ``ip`` (one of ``MORE_PUBLIC_IPS``), joining ``join``;
-        run it with ``self.prefix("pub")``."""
-        return ["-c", PUBLIC_NODE, join, f"/ip4/{ip}/tcp/0"]
+    def start_public_nodes(self, join: str, logdir: Path) -> tuple[list[Worker], list[str]]:
+        """A ``PUBLIC_NODE`` on each of ``MORE_PUBLIC_IPS``, joining ``join``: the workers (the caller stops them) and
+        their join addresses."""
+        nodes: list[Worker] = []
+        try:
+            for ip in self.MORE_PUBLIC_IPS:
+                nodes.append(Worker(["-c", PUBLIC_NODE, join, f"/ip4/{ip}/tcp/0"], logdir / f"node-{ip}.log",
+                                    prefix=tuple(self.prefix("pub"))))  # fmt: skip
+            return nodes, [node.wait_line("ADDRESS", timeout=60) for node in nodes]
+        except BaseException:
+            for node in nodes:
+                node.stop(timeout=5)
+            raise
 
     def host_ip(self, name: str) -> str:
         return self.PUBLIC_IP if name == "pub" else self.ROUTER_WAN.get(name) or f"{self.HOSTS[name][1]}.2"

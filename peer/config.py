@@ -29,7 +29,7 @@ from peer.run.manifest import (
 from peer.run.presets import PRESET_NAMES
 from peer.swarm import addresses
 from peer.swarm.addresses import DEFAULT_LISTEN
-from peer.swarm.nat import NAT_MODES, host_kind
+from peer.swarm.nat import NAT_MODES, PUNCH_OBSERVERS, host_kind
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "lamb")
@@ -72,8 +72,8 @@ class PeerConfig:
     nat: str = setting(
         f"one of {', '.join(NAT_MODES)}; auto: join in client mode when every address this peer would announce is "
         "private and a --join peer's is public (nobody could dial it); holepunch: instead, be reached through the "
-        "first public --join peer as a relay and connect to other peers behind NAT directly by hole punching (needs 4 "
-        "public peers in the swarm and --listen /ip4/0.0.0.0/tcp/PORT); off: never switch by itself",
+        "first public --join peer as a relay and connect to other peers behind NAT directly by hole punching (needs "
+        f"{PUNCH_OBSERVERS} public peers in the swarm and --listen /ip4/0.0.0.0/tcp/PORT); off: never switch by itself",
         default="auto",
         group="swarm",
     )

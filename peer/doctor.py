@@ -477,9 +477,9 @@ def classify_dial_back(cfg: PeerConfig, probe: Probe) -> Check:
                   "peers, as long as one of them is in your group")  # fmt: skip
     if reach.relay == "use":
         return ok("dial-back", "behind NAT (--nat holepunch): peers dial you through the first public --join peer "
-                  "as a relay, and a hole punch then connects each of them directly once 4 public peers have seen "
-                  "your address; a router that rejects unsolicited packets instead of dropping them breaks the "
-                  "punch")  # fmt: skip
+                  "as a relay, and a hole punch then connects each of them directly once "
+                  f"{nat.PUNCH_OBSERVERS} public peers have seen your address; a router that rejects unsolicited "
+                  "packets instead of dropping them breaks the punch")  # fmt: skip
     refused = [p.peer[:12] for p in bootstrap if not p.reached_back]
     if refused:
         return fail("dial-back", f"the bootstrap peer ({', '.join(refused)}) could not open a stream back to this node",

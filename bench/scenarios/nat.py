@@ -31,10 +31,9 @@ def _run_arm(workdir, topo: netns.NatTopology, cfg: dict, arm: str) -> list[dict
     nodes: list[Worker] = []
 
     def public_nodes(join: str) -> list[str]:
-        for ip in topo.MORE_PUBLIC_IPS:
-            nodes.append(Worker(topo.public_node_args(ip, join), workdir / f"node-{ip}.log",
-                                prefix=tuple(topo.prefix("pub"))))  # fmt: skip
-        return [node.wait_line("ADDRESS", timeout=60) for node in nodes]
+        started, addresses = topo.start_public_nodes(join, workdir)
+        nodes.extend(started)
+        return addresses
 
     punch = arm == "holepunch"
     topo.stealth(arm != "direct")  # the direct arm's peers run in the routers' namespaces, as public hosts

@@ -46,11 +46,12 @@ def start_dht(cfg: DhtSettings, record_validators: Sequence = ()) -> hivemind.DH
     # DHT keeps the first one it is given), so records signed by others (the run's manifest) read back stripped
     key, created = peer_identity.ensure_identity(identity)
     peer_identity.use_for_this_process(key)
-    hivemind_compat.install()  # before the DHT process forks: it and its p2pd inherit the lifeline (swarm/lifeline.py)
+    # before the DHT process forks: it and its p2pd inherit the lifeline (swarm/lifeline.py), and p2pd reserves on
+    # static relays at once (--nat holepunch)
+    hivemind_compat.install()
     reach = nat.plan(cfg.nat, cfg.client_mode, cfg.join, cfg.listen, cfg.announce)
     if reach.automatic or reach.relay == "use":
         logger.info(reach.reason)
-    nat.install()  # as above: p2pd reserves on the static relays at once
     try:
         dht = hivemind.DHT(
             initial_peers=list(cfg.join) or None,

@@ -20,6 +20,7 @@ adapt, rerun the unit and integration tests, then add the version.
   averager also takes ``peer.swarm.robust``'s aggregation and ``peer.swarm.membership``'s allowlist checks.
 - ``shutdown_dht``, ``keep_request_futures``: DHT shutdown without the tracebacks hivemind prints on every exit.
 - ``sync_lr_schedule``: the LR scheduler to the averager's epoch now (hivemind does it lazily).
+- ``install`` also passes p2pd ``-relayDiscovery=0`` with static relays (``peer.swarm.nat``'s ``--nat holepunch``).
 - ``configure_logging``: hivemind's log level, silence for its benign shutdown races and LR-scheduler warning, and one
   WARNING line without a traceback for each expected round failure (``peer.cli.setup_logging`` calls it).
 
@@ -73,6 +74,7 @@ def install() -> None:
     from hivemind.averaging import DecentralizedAverager, allreduce
     from hivemind.averaging.control import StepControl
     from hivemind.compression.quantization import BlockwiseQuantization, Quantization
+    from hivemind.p2p import P2P
 
     from peer.swarm.guards import FiniteTensorPartReducer
 
@@ -85,8 +87,26 @@ def install() -> None:
     # every averager: its shutdown drops a round still exchanging tensors (hivemind 1.1.12's fails there)
     DecentralizedAverager._shutdown = shutdown_averager
     StepControl.cancel = cancel_step
+    P2P._make_process_args = staticmethod(_static_relays_without_discovery(P2P._make_process_args))
     _route_logs()
     _installed = True
+
+
+def _static_relays_without_discovery(make_process_args):
+    """hivemind's p2pd command line, with ``-relayDiscovery=0`` where static relays are given (``--nat holepunch``).
+
+    hivemind 1.1.12 accepts ``use_relay_discovery`` but passes nothing (deprecated), and p2pd leaves discovery on, in
+    which case it feeds the static relays through the discovery path, where autorelay waits up to 3 minutes for 4 relay
+    candidates before reserving a slot on fewer (measured: with three public peers, nobody found the relayed peer for
+    the whole run). With discovery off, the static relays are all the candidates there are, and the reservation is
+    made at once."""
+
+    def patched(*args, **kwargs):
+        if kwargs.get("autoRelay") and kwargs.get("trustedRelays"):
+            kwargs["relayDiscovery"] = False
+        return make_process_args(*args, **kwargs)
+
+    return patched
 
 
 def _route_logs() -> None:

@@ -61,6 +61,9 @@ from peer.swarm.addresses import DEFAULT_LISTEN
 logger = logging.getLogger(__name__)
 
 NAT_MODES = ("auto", "holepunch", "off")
+# public peers (different IP addresses) that must report a peer's outside address before p2pd's hole puncher starts
+# (go-libp2p v0.32 ``identify.ActivationThresh``)
+PUNCH_OBSERVERS = 4
 # route lookups (UDP connect sends no packet) for a wildcard listen address when there is no --join peer to look up
 _ROUTE_PROBES = {"ip4": "192.0.2.1", "ip6": "2001:db8::1"}  # documentation addresses (RFC 5737, RFC 3849)
 
@@ -104,8 +107,8 @@ def plan(mode: str, client_mode: bool, join: Sequence[str], listen: Sequence[str
     shown = ", ".join(host for host, _ in mine) or "none"
     if public_join and mode == "holepunch":
         return NatPlan(False, False, f"behind NAT ({shown}): reached through the first public --join peer as a relay "
-                       "until a hole punch connects each peer directly (needs 4 public peers in the swarm)",
-                       relay="use", relays=public_join)  # fmt: skip
+                       "until a hole punch connects each peer directly (needs "
+                       f"{PUNCH_OBSERVERS} public peers in the swarm)", relay="use", relays=public_join)  # fmt: skip
     if any(host_kind(a) == "public" for a in join):
         return NatPlan(True, True, f"behind NAT: this machine's addresses are private ({shown}) and the swarm is on "
                        "the internet, so nobody there can dial it: joining in client mode (it trains and averages "
@@ -156,29 +159,6 @@ def route_source(target: str, family: int) -> str | None:
             return probe.getsockname()[0]
         except OSError:
             return None
-
-
-def install() -> None:
-    """Let hivemind pass ``-relayDiscovery=0`` with static relays (idempotent; before the DHT process forks).
-
-    hivemind 1.1.12 accepts ``use_relay_discovery`` but passes nothing (deprecated), and p2pd leaves discovery on, in
-    which case it feeds the static relays through the discovery path, where autorelay waits up to 3 minutes for 4 relay
-    candidates before reserving a slot on fewer (measured: with three public peers, nobody found the relayed peer for
-    the whole run). With discovery off, the static relays are all the candidates there are, and the reservation is
-    made at once."""
-    from hivemind.p2p import P2P
-
-    if getattr(P2P._make_process_args, "_bertswarm_static_relays", False):
-        return
-    original = P2P._make_process_args
-
-    def make_process_args(*args, **kwargs):
-        if kwargs.get("autoRelay") and kwargs.get("trustedRelays"):
-            kwargs["relayDiscovery"] = False
-        return original(*args, **kwargs)
-
-    make_process_args._bertswarm_static_relays = True
-    P2P._make_process_args = staticmethod(make_process_args)
 
 
 # seconds after the start at which a peer behind NAT (--nat holepunch) drops its connections that still go through a

@@ -197,6 +197,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
     """
 
     progress_tracker_class = guards.BoundedProgressTracker
+    _stopping = False  # the stop signal came (cancel_matchmaking): no more state averaging rounds
 
     def __init__(
         self,
@@ -273,7 +274,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         return cancelled
 
     def state_round_wanted(self) -> bool:
-        return not getattr(self, "_stopping", False)
+        return not self._stopping
 
     def leave_swarm(self) -> None:
         """Stop taking part, first thing when leaving: no more matchmaking, and this peer's progress record replaced

@@ -17,11 +17,8 @@ keep averaging with each other in groups of 2: no reachable peer is left in thei
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -185,18 +182,14 @@ def _rounds_in_groups(peers: list[NsPeer], size: int) -> dict[str, float | None]
 def test_private_peers_punch_through_two_nats_and_average_without_a_public_peer(tmp_path, small_corpus):
     common = _peer_args(small_corpus)
     peers: list[NsPeer] = []
-    observers: list[subprocess.Popen] = []
+    observers: list = []  # bench.common.Worker
     with netns.NatTopology() as topo:
         try:
             pub = NsPeer("pub", topo, tmp_path, [*common, "--listen", f"/ip4/{topo.PUBLIC_IP}/tcp/31337"], env={})
             peers.append(pub)
             joins = [pub.wait_for_join_address(60)]
-            for ip in topo.MORE_PUBLIC_IPS:
-                observer = subprocess.Popen([*topo.prefix("pub"), sys.executable, *topo.public_node_args(ip, joins[0])],
-                                            stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-                observers.append(observer)
-                joins.append(observer.stdout.readline().removeprefix("ADDRESS").strip())
-                assert f"/ip4/{ip}/" in joins[-1], f"the public node on {ip} did not start: {joins[-1]!r}"
+            observers, more = topo.start_public_nodes(joins[0], tmp_path)
+            joins += more
             private = [*common, "--nat", "holepunch", "--listen", "/ip4/0.0.0.0/tcp/0"]
             for name in ("a", "b"):
                 peers.append(NsPeer(name, topo, tmp_path, [*private, *(f for j in joins for f in ("--join", j))],
@@ -239,6 +232,4 @@ def test_private_peers_punch_through_two_nats_and_average_without_a_public_peer(
             for p in peers:
                 p.stop(timeout=15)
             for observer in observers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(observer.pid, signal.SIGKILL)
-                observer.wait()
+                observer.stop(timeout=5)

@@ -104,8 +104,10 @@ def test_config_refuses_a_holepunch_that_cannot_work(kwargs, words):
 def test_install_turns_relay_discovery_off_only_with_static_relays():
     from hivemind.p2p import P2P
 
-    nat.install()
-    nat.install()  # idempotent
+    from peer.swarm import hivemind_compat
+
+    hivemind_compat.install()
+    hivemind_compat.install()  # idempotent
     static = P2P._make_process_args("p2pd", autoRelay=True, trustedRelays="/ip4/5.77.0.1/tcp/1/p2p/x")
     assert "-relayDiscovery=0" in static
     assert not any(a.startswith("-relayDiscovery") for a in P2P._make_process_args("p2pd", autoRelay=False))
