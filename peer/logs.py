@@ -125,7 +125,9 @@ def status_line_wanted() -> bool:
 
 def setup(*, quiet: bool = False, verbose: bool = False, log_format: str = "text", stream=None) -> Terminal:
     """Route the root logger (and everything that propagates to it) through the terminal, in ``log_format``.
-    ``BERTSWARM_LOG_LEVEL`` still sets the level when neither ``quiet`` nor ``verbose`` is given."""
+    ``BERTSWARM_LOG_LEVEL`` still sets the level when neither ``quiet`` nor ``verbose`` is given;
+    ``BERTSWARM_DEBUG_LOGGERS`` (comma-separated logger names, e.g. ``hivemind.averaging.matchmaking``) shows those
+    loggers' debug lines whatever the level: why a round found no group, without the DHT's thousands of lines."""
     global _terminal
     _terminal = Terminal(stream)
     _settings.update(log_format=log_format, quiet=quiet)
@@ -138,6 +140,9 @@ def setup(*, quiet: bool = False, verbose: bool = False, log_format: str = "text
     level = os.environ.get("BERTSWARM_LOG_LEVEL", "INFO").upper()
     level = "WARNING" if quiet else "DEBUG" if verbose else level if level in logging._nameToLevel else "INFO"
     root.setLevel(level)
+    for name in os.environ.get("BERTSWARM_DEBUG_LOGGERS", "").split(","):
+        if name.strip():
+            logging.getLogger(name.strip()).setLevel(logging.DEBUG)
     return _terminal
 
 

@@ -7,9 +7,11 @@ a peer exactly while a round is under way and compare live peers' weights withou
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -21,6 +23,9 @@ SIZE = 3  # peers a session keeps alive between scenarios
 TARGET_BATCH = 192  # FAST's --target-batch-size
 AVERAGING_TIMEOUT = 15.0  # FAST's --averaging-timeout
 ROUND_UNDER_WAY = ("AWAITING_TRIGGER", "RUNNING_ALLREDUCE")  # a group is assembled: the all-reduce is on
+# hivemind's debug lines that say why a round found no group or ended early (a few per round; a failed wait shows
+# them, counted: ``Session.round_summary``)
+DEBUG_LOGGERS = "hivemind.averaging.matchmaking,hivemind.averaging.allreduce"
 
 
 class Session:
@@ -42,7 +47,8 @@ class Session:
     def start_peer(self, join: LocalPeer | None = None, env: dict | None = None, kind: str = "p") -> LocalPeer:
         name = f"{kind}{self._count}"
         self._count += 1
-        env = {"BERTSWARM_TEST_WATCH_DIR": str(self.workdir / f"{name}.watch"), **(env or {})}
+        env = {"BERTSWARM_TEST_WATCH_DIR": str(self.workdir / f"{name}.watch"),
+               "BERTSWARM_DEBUG_LOGGERS": DEBUG_LOGGERS, **(env or {})}  # fmt: skip
         self.started_at[name] = time.time()
         return self.swarm.start(name, join=join, env=env)
 
@@ -93,7 +99,34 @@ class Session:
         return [self.swarm.epoch(p) for p in (self.live if peers is None else peers)]
 
     def wait_until(self, what: str, predicate, timeout: float, interval: float = 0.25):
-        return self.swarm.wait_until(what, predicate, timeout, interval)
+        try:
+            return self.swarm.wait_until(what, predicate, timeout, interval)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.round_summary(timeout)}") from None
+
+    def round_summary(self, seconds: float) -> str:
+        """What each live peer's rounds met in the last ``seconds``: its warnings and hivemind's matchmaking and
+        all-reduce debug lines (``DEBUG_LOGGERS``), peers by name, numbers as #, most frequent first."""
+        names = {p.join_address.rsplit("/p2p/", 1)[-1]: p.name for p in self.swarm.peers if p.join_address}
+        since, now = time.strftime("%H:%M:%S", time.localtime(time.time() - seconds)), time.strftime("%H:%M:%S")
+        since = since if since <= now else "00:00:00"  # past midnight: the whole log
+        lines = []
+        for peer in self.live:
+            try:
+                text = peer.log_path.read_text(errors="replace")
+            except OSError:
+                continue
+            events = collections.Counter()
+            for line in text.splitlines():
+                timed = line[2:3] == ":" and line[:8] >= since  # not a traceback's line
+                if timed and (" WARN " in line[:14] or " hivemind.averaging." in line):
+                    parts = re.split(r"(Qm\w+)", line[9:])  # peer ids at the odd places
+                    event = "".join(names.get(part, "?") if i % 2 else re.sub(r"\d+(\.\d+)?", "#", part)
+                                    for i, part in enumerate(parts))  # fmt: skip
+                    events[event[:200]] += 1
+            lines += [f"{peer.name}: {n} x {event}" for event, n in events.most_common(15)] or [f"{peer.name}: none"]
+        joined = "\n".join(lines)
+        return f"what the rounds met in the last {seconds:.0f} s:\n{joined}"
 
     def stage(self, peer: LocalPeer) -> str:
         try:

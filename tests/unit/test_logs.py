@@ -121,6 +121,22 @@ def test_quiet_shows_warnings_only_and_verbose_debug():
     assert "a debug line" in out.getvalue()
 
 
+def test_debug_loggers_named_in_the_environment_show_their_debug_lines_alone(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setenv("BERTSWARM_DEBUG_LOGGERS", "bertswarm-test.matchmaking, bertswarm-test.other")
+    logging.getLogger("bertswarm-test").setLevel(logging.WARNING)  # as hivemind's own level (HIVEMIND_LOGLEVEL)
+    try:
+        logs.setup(stream=out)
+        logging.getLogger("bertswarm-test.matchmaking").debug("rejected with BAD_EXPIRATION_TIME")
+        logging.getLogger("bertswarm-test.dht").debug("a DHT line")
+        logging.getLogger("peer.trainer").debug("a debug line of bertswarm")
+        assert "rejected with BAD_EXPIRATION_TIME" in out.getvalue()
+        assert "a DHT line" not in out.getvalue() and "a debug line of bertswarm" not in out.getvalue()
+    finally:
+        for name in ("bertswarm-test", "bertswarm-test.matchmaking", "bertswarm-test.other"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
 def test_flags_are_checked():
     with pytest.raises(UserError, match="--log-format 'xml'"):
         PeerConfig(log_format="xml").validate()
