@@ -380,6 +380,68 @@ def test_a_stopping_peer_begins_no_state_averaging_round(two_dhts):
         partner_thread.join(10)
 
 
+@pytest.mark.timeout(180)
+def test_a_stop_while_the_state_step_waits_for_its_gradient_round_begins_no_state_round(two_dhts):
+    """The stop signal can land inside the step: while it waits for its gradient round, after hivemind's step began
+    but before it decides whether this step averages the state. Asked only at the start of the step, that stop
+    still began the state round and waited for its group (9.8 s from SIGTERM to exit). Here the stop lands at that
+    moment (the gradient round's wait calls ``cancel_matchmaking`` first) in a state averaging step."""
+    import threading
+
+    model, opt = _swarm_optimizer(two_dhts[0], seed=1, averaging_timeout=5.0)
+    partner_model, partner = _swarm_optimizer(two_dhts[1], seed=2, averaging_timeout=5.0)
+    for o in (opt, partner):
+        o.average_state_every = 2
+    rounds = []  # (stopped yet, whether the step began a state averaging round)
+    armed = threading.Event()  # stop in the next state averaging step
+    real_step, real_wait = opt.state_averager.step, opt._average_gradients_and_load_into_optimizer
+
+    def spy(*args, **kwargs):
+        if kwargs.get("increment_epoch"):
+            rounds.append((opt._stopping, bool(kwargs.get("averaging_round"))))
+        return real_step(*args, **kwargs)
+
+    def stop_during_the_wait(control):
+        if armed.is_set() and opt.local_epoch % 2 == 1:  # this step's next epoch averages the state
+            opt.cancel_matchmaking()  # what the stop signal calls
+        return real_wait(control)
+
+    opt.state_averager.step = spy
+    opt._average_gradients_and_load_into_optimizer = stop_during_the_wait
+    partner_steps = threading.Event()
+    partner_steps.set()
+
+    def partner_loop():
+        while partner_steps.is_set():
+            _accumulate(partner_model)
+            partner.step()
+            time.sleep(0.05)
+
+    partner_thread = threading.Thread(target=partner_loop, daemon=True)
+    try:
+        partner_thread.start()
+
+        def step_until(done, timeout: float = 60) -> None:
+            deadline = time.monotonic() + timeout
+            while not done():
+                assert time.monotonic() < deadline, f"stuck: {rounds}"
+                _accumulate(model)
+                opt.step()
+                time.sleep(0.05)
+
+        step_until(lambda: any(began for _, began in rounds))  # the control: such steps do average the state
+        armed.set()
+        step_until(lambda: any(stopped for stopped, _ in rounds))
+        assert opt.local_epoch % 2 == 0 and rounds[-1] == (True, False), (opt.local_epoch, rounds)
+        assert opt.scheduled_state is None or opt.scheduled_state.done()
+    finally:
+        partner_steps.clear()
+        opt.state_averager.step = real_step
+        opt.shutdown()
+        partner.shutdown()
+        partner_thread.join(10)
+
+
 def test_hivemind_notes_of_a_partial_round_are_dropped_for_bertswarms_own_line():
     def record(message: str) -> logging.LogRecord:
         return logging.LogRecord("hivemind.averaging.partition", logging.WARNING, __file__, 1, message, (), None)
