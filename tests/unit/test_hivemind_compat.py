@@ -1,5 +1,6 @@
 """hivemind_compat: the checked hivemind versions, the patches it installs, and hivemind's logging."""
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -321,13 +322,11 @@ def test_a_step_interrupted_by_the_stop_deadline_is_abandoned_and_its_round_drop
             opt.shutdown()
 
 
-@pytest.mark.timeout(180)
-def test_a_stopping_peer_begins_no_state_averaging_round(two_dhts):
-    """The stop signal's ``cancel_matchmaking`` also keeps every later step from beginning a state averaging round
-    (hivemind's parameter and optimizer-state average every ``STATE_AVERAGING_EVERY`` steps; every 2nd here). A stop
-    that landed in such a step took 15-23 s to exit: hivemind began the state round after the stop had cancelled the
-    gradient round and waited for its group, while the trainer's deadline was held back (``applying_step``). Before
-    the stop the same steps do average the state: the control that the test reaches such steps."""
+@contextlib.contextmanager
+def _pair_averaging_state_every_2nd_step(two_dhts):
+    """Two sync-mode optimizers that average the state every 2nd step: a partner stepping in a thread, and ``opt``,
+    stepped by the test. Yields ``(opt, step_until, rounds)``: ``step_until(done)`` steps ``opt`` until ``done()``;
+    ``rounds`` gets ``(stopping, began a state averaging round)`` for each of ``opt``'s global steps."""
     import threading
 
     # rounds that miss each other (the two step on their own) fail after 5 s instead of 30
@@ -335,17 +334,13 @@ def test_a_stopping_peer_begins_no_state_averaging_round(two_dhts):
     partner_model, partner = _swarm_optimizer(two_dhts[1], seed=2, averaging_timeout=5.0)
     for o in (opt, partner):
         o.average_state_every = 2
-    stopped, rounds = [False], []  # (stopped yet, whether the step began a state averaging round)
+    rounds = []
     real_step = opt.state_averager.step
 
     def spy(*args, **kwargs):
         if kwargs.get("increment_epoch"):  # a global step (not a delayed update's wait)
-            rounds.append((stopped[0], bool(kwargs.get("averaging_round"))))
+            rounds.append((opt._stopping, bool(kwargs.get("averaging_round"))))
         return real_step(*args, **kwargs)
-
-    opt.state_averager.step = spy
-    partner_steps = threading.Event()
-    partner_steps.set()
 
     def partner_loop():
         while partner_steps.is_set():
@@ -361,17 +356,13 @@ def test_a_stopping_peer_begins_no_state_averaging_round(two_dhts):
             opt.step()
             time.sleep(0.05)
 
+    opt.state_averager.step = spy
+    partner_steps = threading.Event()
+    partner_steps.set()
     partner_thread = threading.Thread(target=partner_loop, daemon=True)
     try:
         partner_thread.start()
-        step_until(lambda: any(began for _, began in rounds))
-        assert rounds[-1] == (False, True)
-        step_until(lambda: opt.local_epoch % 2 == 1)  # the next step is a state averaging one
-        stopped[0] = True
-        opt.cancel_matchmaking()  # what the stop signal calls (trainer.run: stop.on_stop)
-        step_until(lambda: any(was_stopped for was_stopped, _ in rounds))
-        assert opt.local_epoch % 2 == 0 and rounds[-1] == (True, False), (opt.local_epoch, rounds)
-        assert opt.scheduled_state is None or opt.scheduled_state.done()
+        yield opt, step_until, rounds
     finally:
         partner_steps.clear()
         opt.state_averager.step = real_step
@@ -381,65 +372,42 @@ def test_a_stopping_peer_begins_no_state_averaging_round(two_dhts):
 
 
 @pytest.mark.timeout(180)
+def test_a_stopping_peer_begins_no_state_averaging_round(two_dhts):
+    """The stop signal's ``cancel_matchmaking`` also keeps every later step from beginning a state averaging round
+    (hivemind's parameter and optimizer-state average every ``STATE_AVERAGING_EVERY`` steps; every 2nd here). A stop
+    that landed in such a step took 15-23 s to exit: hivemind began the state round after the stop had cancelled the
+    gradient round and waited for its group, while the trainer's deadline was held back (``applying_step``). Before
+    the stop the same steps do average the state: the control that the test reaches such steps."""
+    with _pair_averaging_state_every_2nd_step(two_dhts) as (opt, step_until, rounds):
+        step_until(lambda: any(began for _, began in rounds))
+        assert rounds[-1] == (False, True)
+        step_until(lambda: opt.local_epoch % 2 == 1)  # the next step is a state averaging one
+        opt.cancel_matchmaking()  # what the stop signal calls (trainer.run: stop.on_stop)
+        step_until(lambda: any(stopping for stopping, _ in rounds))
+        assert opt.local_epoch % 2 == 0 and rounds[-1] == (True, False), (opt.local_epoch, rounds)
+        assert opt.scheduled_state is None or opt.scheduled_state.done()
+
+
+@pytest.mark.timeout(180)
 def test_a_stop_while_the_state_step_waits_for_its_gradient_round_begins_no_state_round(two_dhts):
     """The stop signal can land inside the step: while it waits for its gradient round, after hivemind's step began
     but before it decides whether this step averages the state. Asked only at the start of the step, that stop
     still began the state round and waited for its group (9.8 s from SIGTERM to exit). Here the stop lands at that
     moment (the gradient round's wait calls ``cancel_matchmaking`` first) in a state averaging step."""
-    import threading
+    with _pair_averaging_state_every_2nd_step(two_dhts) as (opt, step_until, rounds):
+        armed, real_wait = [False], opt._average_gradients_and_load_into_optimizer
 
-    model, opt = _swarm_optimizer(two_dhts[0], seed=1, averaging_timeout=5.0)
-    partner_model, partner = _swarm_optimizer(two_dhts[1], seed=2, averaging_timeout=5.0)
-    for o in (opt, partner):
-        o.average_state_every = 2
-    rounds = []  # (stopped yet, whether the step began a state averaging round)
-    armed = threading.Event()  # stop in the next state averaging step
-    real_step, real_wait = opt.state_averager.step, opt._average_gradients_and_load_into_optimizer
+        def stop_during_the_wait(control):
+            if armed[0] and opt.local_epoch % 2 == 1:  # this step's next epoch averages the state
+                opt.cancel_matchmaking()  # what the stop signal calls
+            return real_wait(control)
 
-    def spy(*args, **kwargs):
-        if kwargs.get("increment_epoch"):
-            rounds.append((opt._stopping, bool(kwargs.get("averaging_round"))))
-        return real_step(*args, **kwargs)
-
-    def stop_during_the_wait(control):
-        if armed.is_set() and opt.local_epoch % 2 == 1:  # this step's next epoch averages the state
-            opt.cancel_matchmaking()  # what the stop signal calls
-        return real_wait(control)
-
-    opt.state_averager.step = spy
-    opt._average_gradients_and_load_into_optimizer = stop_during_the_wait
-    partner_steps = threading.Event()
-    partner_steps.set()
-
-    def partner_loop():
-        while partner_steps.is_set():
-            _accumulate(partner_model)
-            partner.step()
-            time.sleep(0.05)
-
-    partner_thread = threading.Thread(target=partner_loop, daemon=True)
-    try:
-        partner_thread.start()
-
-        def step_until(done, timeout: float = 60) -> None:
-            deadline = time.monotonic() + timeout
-            while not done():
-                assert time.monotonic() < deadline, f"stuck: {rounds}"
-                _accumulate(model)
-                opt.step()
-                time.sleep(0.05)
-
+        opt._average_gradients_and_load_into_optimizer = stop_during_the_wait
         step_until(lambda: any(began for _, began in rounds))  # the control: such steps do average the state
-        armed.set()
-        step_until(lambda: any(stopped for stopped, _ in rounds))
+        armed[0] = True
+        step_until(lambda: any(stopping for stopping, _ in rounds))
         assert opt.local_epoch % 2 == 0 and rounds[-1] == (True, False), (opt.local_epoch, rounds)
         assert opt.scheduled_state is None or opt.scheduled_state.done()
-    finally:
-        partner_steps.clear()
-        opt.state_averager.step = real_step
-        opt.shutdown()
-        partner.shutdown()
-        partner_thread.join(10)
 
 
 def test_hivemind_notes_of_a_partial_round_are_dropped_for_bertswarms_own_line():
