@@ -257,7 +257,7 @@ def _build_hooked_optimizer():
           waits for its group: a stop signal that landed in such a step took 15-23 s to exit. It is asked each time
           hivemind reads ``average_state_every`` (infinite while it says False), i.e. also after a stop that lands
           while the step waits for its gradient round: asked once at the start of the step, that stop still began
-          the state round (9.8 s to exit, 2 of 4 ad-hoc stops 0.85 of a step after step 9).
+          the state round (9.8 and 9.9 s to exit in 2 of 4 ad-hoc stops 0.85 of a step after step 9).
         """
 
         progress_tracker_class = None

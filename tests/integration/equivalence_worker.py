@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from hivemind.utils import ValueWithExpiration, get_dht_time
 from safetensors.torch import save_file
 
+from peer import logs
 from peer.config import PeerConfig
 from peer.data.tokenizer import default_tokenizer
 from peer.run.manifest import RunManifest
@@ -85,12 +85,9 @@ class RecordingTrainer(Trainer):
 
 def main() -> None:
     index, steps, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    # a round that ends in part fails the test (1 in many full-suite runs, cause not found yet): hivemind says why it
-    # dropped a reducer or sender only at DEBUG, so this peer's log keeps the all-reduce's lines (a few per round)
-    allreduce_log = logging.StreamHandler()  # stderr: the worker's log file
-    allreduce_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("hivemind.averaging.allreduce").addHandler(allreduce_log)
-    logging.getLogger("hivemind.averaging.allreduce").setLevel(logging.DEBUG)
+    # warnings to stderr (the worker's log file), and the debug lines of the loggers the test names in
+    # BERTSWARM_DEBUG_LOGGERS (hivemind's all-reduce: why it dropped a reducer or sender)
+    logs.setup(quiet=True)
     cfg = PeerConfig(
         join=sys.argv[4:5], state_dir=str(out / f"state-{index}"), matchmaking_time=1.0, averaging_timeout=20.0,
         batch_size=BATCH_SIZE, device="cpu", threads=1, save_every=0, seed=index,

@@ -35,7 +35,13 @@ def start_worker(index, out, join=None):
         stdout=subprocess.PIPE,
         stderr=log,
         start_new_session=True,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        # a round that ends in part fails the test (1 in many full-suite runs, cause not found yet): hivemind says
+        # why it dropped a reducer or sender only at DEBUG, so the workers' logs keep the all-reduce's lines
+        env={
+            **__import__("os").environ,
+            "OMP_NUM_THREADS": "1",
+            "BERTSWARM_DEBUG_LOGGERS": "hivemind.averaging.allreduce",
+        },
     )
     proc.log = log
     return proc

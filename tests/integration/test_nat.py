@@ -153,9 +153,9 @@ def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_c
             def apart() -> bool:
                 # a round in part or failed, or a joiner's step alone (the public peer steps alone until the others
                 # are in), leaves a peer apart until the next state averaging round
-                rounds = "bertswarm_peer_averaging_rounds_total"
-                return any(p.metric(rounds, o) for p in peers for o in (PARTIAL, FAILED)) or any(
-                    p.metric(rounds, SOLO) for p in peers[1:]
+                metric = "bertswarm_peer_averaging_rounds_total"
+                return any(p.metric(metric, o) for p in peers for o in (PARTIAL, FAILED)) or any(
+                    p.metric(metric, SOLO) for p in peers[1:]
                 )
 
             was_apart = apart()
