@@ -9,7 +9,8 @@ adapt, rerun the unit and integration tests, then add the version.
   the 8-bit decoders fixed for NumPy >= 2.4, the finite-only reducer of ``peer.swarm.guards`` in the all-reduce, and
   ``peer.swarm.lifeline`` (hivemind's helper processes and p2pd die with their parent; hivemind 1.1.12 leaves them
   running after a crash), ``shutdown_averager`` (an averager shut down during a round stops it and frees its
-  tensors; hivemind 1.1.12's fails there with a traceback) and ``cancel_step`` (a cancelled round never runs).
+  tensors; hivemind 1.1.12's fails there with a traceback; one shut down right after a round first sends its
+  groupmates the rest of their results) and ``cancel_step`` (a cancelled round never runs).
 - ``HookedOptimizer`` / ``FilteredProgressTracker``: hivemind subclasses that turn the private steps bertswarm needs
   into public hooks (``peer.swarm.optim.SwarmOptimizer`` and ``peer.swarm.guards.BoundedProgressTracker`` use them);
   an interrupted step is abandoned instead of finished with the local gradients.
@@ -88,6 +89,7 @@ def install() -> None:
     DecentralizedAverager._shutdown = shutdown_averager
     StepControl.cancel = cancel_step
     P2P._make_process_args = staticmethod(_static_relays_without_discovery(P2P._make_process_args))
+    P2P.add_binary_stream_handler = _track_served_parts(P2P.add_binary_stream_handler)
     _route_logs()
     _installed = True
 
@@ -105,6 +107,37 @@ def _static_relays_without_discovery(make_process_args):
         if kwargs.get("autoRelay") and kwargs.get("trustedRelays"):
             kwargs["relayDiscovery"] = False
         return make_process_args(*args, **kwargs)
+
+    return patched
+
+
+_AGGREGATE_HANDLER = ".rpc_aggregate_part"  # hivemind's handler name: "[namespace::]Class.rpc_aggregate_part"
+
+
+def _track_served_parts(add_binary_stream_handler):
+    """hivemind's ``P2P.add_binary_stream_handler``, keeping the tasks that serve a groupmate's all-reduce stream in
+    the P2P object's ``_serving_parts`` set until the stream is closed and its last bytes handed to p2pd. A peer's
+    round is over once its own results are in, while the results it reduced for its groupmates may still be on their
+    way; ``shutdown_averager`` waits for these streams, so a peer that leaves right after a round (a stop's "finishing
+    the current step") does not leave its groupmates' round in part."""
+    import asyncio
+
+    async def patched(self, name, handler, balanced: bool = False):
+        if name.endswith(_AGGREGATE_HANDLER):
+            serving = self.__dict__.setdefault("_serving_parts", set())
+            inner = handler
+
+            async def handler(stream_info, reader, writer):
+                task = asyncio.current_task()
+                serving.add(task)
+                try:
+                    await inner(stream_info, reader, writer)  # closes the writer when done
+                    with contextlib.suppress(Exception):
+                        await writer.wait_closed()  # what is still buffered here reaches p2pd
+                finally:
+                    serving.discard(task)
+
+        return await add_binary_stream_handler(self, name, handler, balanced)
 
     return patched
 
@@ -200,26 +233,33 @@ async def shutdown_averager(self, timeout: float | None) -> None:
     thread, which a cancellation does not stop, once the round before it lets go; what this process still holds then
     is given back. The caller cancels a round's ``StepControl`` first (``SwarmOptimizer.shutdown``): a cancelled round
     ends without retrying and without logging an error; one not cancelled logs hivemind's one-line "retrying" warning,
-    and the process ends anyway."""
+    and the process ends anyway.
+
+    Last, it waits (within the same ``timeout``) for the streams on which this peer still sends groupmates the results
+    it reduced for them (``_track_served_parts``): a round is over for this peer once its own results are in, and
+    hivemind ended the process there, so a peer that left right after a round (a stop's "finishing the current step")
+    left its groupmates' round in part (a client-mode groupmate got none of its results)."""
     import asyncio
 
     if not self.client_mode:
         await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+    deadline = time.monotonic() + (timeout if timeout is not None else 5.0)
     current = asyncio.current_task()
     rounds = [t for t in asyncio.all_tasks() if t is not current and getattr(t.get_coro(), "__name__", "") == "_step"]
-    if not rounds and not self._running_groups:
-        return
-    for task in rounds:
-        task.cancel()
-    deadline = time.monotonic() + (timeout if timeout is not None else 5.0)
-    while self._running_groups and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    lock, quiet_since = self.lock_averaged_tensors, time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.2:
-        if lock._semlock._count() > 0:  # taken in this process (any thread), by a round that no longer runs
-            lock.release()
-            quiet_since = time.monotonic()
-        await asyncio.sleep(0.01)
+    if rounds or self._running_groups:
+        for task in rounds:
+            task.cancel()
+        while self._running_groups and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        lock, quiet_since = self.lock_averaged_tensors, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.2:
+            if lock._semlock._count() > 0:  # taken in this process (any thread), by a round that no longer runs
+                lock.release()
+                quiet_since = time.monotonic()
+            await asyncio.sleep(0.01)
+    serving = self._p2p.__dict__.get("_serving_parts")  # groupmates' streams still getting their results
+    if serving:
+        await asyncio.wait(set(serving), timeout=max(0.0, deadline - time.monotonic()))
 
 
 # --- hivemind subclasses with public hooks (built on first access) --------------------------------------------------

@@ -194,6 +194,42 @@ def test_an_averager_shut_down_mid_round_stops_at_once_and_frees_its_tensors(two
         staying.shutdown()
 
 
+@pytest.mark.timeout(120)
+def test_a_peer_that_leaves_right_after_its_round_still_sends_its_groupmates_their_last_parts(two_dhts, monkeypatch):
+    """A peer's round is over once its own results are in; the results it reduced for its groupmates may still be on
+    their way (on a busy machine the last ones are still being encoded). hivemind ended the averager process there,
+    which is what a peer's stop does right after "finishing the current step": its groupmates' round finished in
+    part (here the staying peer got none of its results: every value of its tensor stayed its own)."""
+    from hivemind.averaging import DecentralizedAverager, allreduce
+
+    hivemind_compat.install()
+    serialize = allreduce.serialize_torch_tensor
+
+    def slow_serialize(*args, **kwargs):  # encodes the reducer's results for the groupmate, late
+        time.sleep(0.5)
+        return serialize(*args, **kwargs)
+
+    monkeypatch.setattr(allreduce, "serialize_torch_tensor", slow_serialize)  # the averagers forked below inherit it
+    opts = dict(prefix="leaving_after_round", target_group_size=2, min_group_size=2, min_matchmaking_time=1.0,
+                request_timeout=0.5, shutdown_timeout=10, start=True)  # fmt: skip
+    leaving = DecentralizedAverager([torch.ones(1000)], two_dhts[0], **opts)
+    # in client mode the staying peer reduces nothing: all of its results come from the leaving peer
+    staying = DecentralizedAverager([torch.zeros(1000)], two_dhts[1], client_mode=True, **opts)
+    try:
+        staying_round = staying.step(wait=False, timeout=30)
+        assert leaving.step(timeout=30) is not None
+        started = time.monotonic()
+        leaving.shutdown()
+        assert time.monotonic() - started < 5.0
+        assert staying_round.result(timeout=30) is not None
+        with staying.get_tensors() as (averaged,):
+            assert torch.allclose(averaged, torch.full_like(averaged, 0.5)), "the staying peer's round ended in part"
+    finally:
+        staying.shutdown()
+        if leaving.is_alive():
+            leaving.shutdown()
+
+
 def _swarm_optimizer(dht, seed: int, grad_averager=None, averaging_timeout: float = 30.0):
     """A sync-mode SwarmOptimizer of a tiny model as a peer builds it; a global batch of 2 peers' steps of 4."""
     from hivemind.utils.crypto import RSAPrivateKey
