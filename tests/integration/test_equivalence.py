@@ -36,11 +36,13 @@ def start_worker(index, out, join=None):
         stderr=log,
         start_new_session=True,
         # a round that ends in part fails the test (1 in many full-suite runs, cause not found yet): hivemind says
-        # why it dropped a reducer or sender only at DEBUG, so the workers' logs keep the all-reduce's lines
+        # why it dropped a reducer or sender only at DEBUG, so the workers' logs keep the all-reduce's lines, and
+        # p2pd's own debug lines (a stream it reset), which hivemind passes on to its p2p_daemon logger
         env={
             **__import__("os").environ,
             "OMP_NUM_THREADS": "1",
-            "BERTSWARM_DEBUG_LOGGERS": "hivemind.averaging.allreduce",
+            "BERTSWARM_DEBUG_LOGGERS": "hivemind.averaging.allreduce,hivemind.p2p.p2p_daemon",
+            "GOLOG_LOG_LEVEL": "error,p2pd=debug",
         },
     )
     proc.log = log
