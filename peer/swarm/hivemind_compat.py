@@ -77,7 +77,6 @@ def install() -> None:
     from hivemind import DHT
     from hivemind.averaging import DecentralizedAverager, allreduce
     from hivemind.averaging.control import StepControl
-    from hivemind.averaging.matchmaking import Matchmaking
     from hivemind.compression.quantization import BlockwiseQuantization, Quantization
     from hivemind.p2p import P2P
 
@@ -102,8 +101,6 @@ def install() -> None:
     runner = allreduce.AllReduceRunner
     runner._get_peer_stub = _stop_after_the_last_part(runner._get_peer_stub)
     runner._ban_sender = _ban_only_senders_with_parts_missing(runner._ban_sender)
-    runner.rpc_aggregate_part = _say_when_results_end_early(runner.rpc_aggregate_part)
-    Matchmaking.rpc_join_group = _end_answers_with_a_verdict(Matchmaking.rpc_join_group)
     _route_logs()
     _installed = True
 
@@ -126,7 +123,6 @@ def _static_relays_without_discovery(make_process_args):
 
 
 _AGGREGATE_HANDLER = ".rpc_aggregate_part"  # hivemind's handler name: "[namespace::]Class.rpc_aggregate_part"
-_JOIN_HANDLER = ".rpc_join_group"  # a leader's answers to a follower: ACCEPTED, then BEGIN_ALLREDUCE (or not)
 # how long a peer that sent a groupmate all its results keeps their stream open for the groupmate to close it first
 # (``_serve_parts_until_the_caller_closes``); a groupmate of this version closes as soon as its last part is in
 CALLER_CLOSES_WITHIN = 10.0
@@ -148,9 +144,8 @@ class _CloseLater:
 
 def _serve_parts_until_the_caller_closes(add_binary_stream_handler):
     """hivemind's ``P2P.add_binary_stream_handler``, for the all-reduce's stream (a groupmate sends its parts and gets
-    this peer's results back) and a leader's answers to a follower: the stream is closed by the other peer first, and
-    the task that serves an all-reduce stream is kept in the P2P object's ``_serving_parts`` set until its last bytes
-    are handed to p2pd.
+    this peer's results back): the stream is closed by the groupmate first, and the task that serves it is kept in the
+    P2P object's ``_serving_parts`` set until its last bytes are handed to p2pd.
 
     - **Who closes first.** p2pd (v0.5.0.hivemind1) closes both directions of a libp2p stream when its local end is
       closed, and the goroutine still reading the other direction then resets the stream; when that reset goes out
@@ -162,17 +157,12 @@ def _serve_parts_until_the_caller_closes(add_binary_stream_handler):
       ``CALLER_CLOSES_WITHIN`` seconds.
     - **Leaving right after a round.** A peer's round is over once its own results are in, while the results it
       reduced for its groupmates may still be on their way; ``shutdown_averager`` waits for these tasks, so a peer
-      that leaves right after a round (a stop's "finishing the current step") does not cut them off.
-    - **A leader's answers** (``rpc_join_group``) end the same way: the follower closes once it has what it waits for
-      (hivemind's follower does so already), and ``_end_answers_with_a_verdict`` makes sure the last answer says
-      whether the group runs. A "begin the round" lost at the close left the leader running the round alone while
-      the follower found no group (seen in ``test_diloco`` today)."""
+      that leaves right after a round (a stop's "finishing the current step") does not cut them off."""
     import asyncio
 
     async def patched(self, name, handler, balanced: bool = False):
-        if name.endswith((_AGGREGATE_HANDLER, _JOIN_HANDLER)):
-            # a leaving peer waits for the streams of its groupmates' results, not for followers' join requests
-            serving = self.__dict__.setdefault("_serving_parts", set()) if name.endswith(_AGGREGATE_HANDLER) else set()
+        if name.endswith(_AGGREGATE_HANDLER):
+            serving = self.__dict__.setdefault("_serving_parts", set())
             inner = handler
 
             async def handler(stream_info, reader, writer):
@@ -232,43 +222,6 @@ async def _first_messages(stream, count: int):
                 return
     finally:
         await stream.aclose()
-
-
-def _say_when_results_end_early(rpc_aggregate_part):
-    """hivemind's ``AllReduceRunner.rpc_aggregate_part``, ending with an error message when it stops before the last
-    result without saying why (a groupmate banned in the background, say). hivemind then closed the stream, and the
-    groupmate took the end as the answer; now the groupmate closes first (``_stop_after_the_last_part``), and without
-    this message it would wait out ``CALLER_CLOSES_WITHIN`` for results that never come. The groupmate drops this
-    peer's parts either way (hivemind's failed reducer)."""
-    from hivemind.proto import averaging_pb2
-
-    async def patched(self, stream, context):
-        results, answered = 0, False
-        async for message in rpc_aggregate_part(self, stream, context):
-            results += message.code == averaging_pb2.AVERAGED_PART
-            answered = answered or message.code != averaging_pb2.AVERAGED_PART
-            yield message
-        if not answered and results < self.tensor_part_reducer.num_parts:
-            yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
-
-    return patched
-
-
-def _end_answers_with_a_verdict(rpc_join_group):
-    """hivemind's ``Matchmaking.rpc_join_group``, which returns without a word when the leader's matchmaking is
-    cancelled (a stop, say): it then ends with GROUP_DISBANDED, so the follower, which now closes the stream itself
-    (``_serve_parts_until_the_caller_closes``), moves on at once instead of after ``CALLER_CLOSES_WITHIN``."""
-    from hivemind.proto import averaging_pb2
-
-    async def patched(self, request, context):
-        last = None
-        async for message in rpc_join_group(self, request, context):
-            last = message.code
-            yield message
-        if last in (None, averaging_pb2.ACCEPTED):
-            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_DISBANDED)
-
-    return patched
 
 
 def _ban_only_senders_with_parts_missing(ban_sender):

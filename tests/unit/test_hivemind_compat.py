@@ -363,54 +363,6 @@ def test_an_averager_leaves_no_socket_file_behind(monkeypatch):
         shutil.rmtree(sockets, ignore_errors=True)
 
 
-def _codes_through(patch, message_type, codes, owner=None) -> list:
-    """The codes a hivemind handler patched by ``patch`` yields when hivemind's own yields messages with ``codes``."""
-    import asyncio
-
-    async def handler(self, request, context):
-        for code in codes:
-            yield message_type(code=code)
-
-    async def collect():
-        return [message.code async for message in patch(handler)(owner, None, None)]
-
-    return asyncio.run(collect())
-
-
-def test_results_that_end_early_end_with_an_error_the_groupmate_stops_on():
-    """A groupmate now waits for the serving peer's last result before it closes its stream: when the results end
-    early without a word (a groupmate banned in the background), an error message tells it, as the stream's end did."""
-    from types import SimpleNamespace
-
-    from hivemind.proto import averaging_pb2
-
-    done, error = averaging_pb2.AVERAGED_PART, averaging_pb2.INTERNAL_ERROR
-    runner = SimpleNamespace(tensor_part_reducer=SimpleNamespace(num_parts=3))
-
-    def codes_sent(*codes):
-        return _codes_through(hivemind_compat._say_when_results_end_early, averaging_pb2.AveragingData, codes, runner)
-
-    assert codes_sent(done, done) == [done, done, error]
-    assert codes_sent(done, done, done) == [done, done, done]
-    assert codes_sent(averaging_pb2.BAD_GROUP_ID) == [averaging_pb2.BAD_GROUP_ID]  # said why already
-
-
-def test_a_leaders_answers_end_with_whether_the_group_runs():
-    """A follower now waits for the leader's verdict before it closes its request's stream: when the leader's
-    matchmaking is cancelled after ACCEPTED (hivemind returns without a word), GROUP_DISBANDED tells it."""
-    from hivemind.proto import averaging_pb2
-
-    accepted, disbanded, begin = averaging_pb2.ACCEPTED, averaging_pb2.GROUP_DISBANDED, averaging_pb2.BEGIN_ALLREDUCE
-
-    def answers(*codes):
-        return _codes_through(hivemind_compat._end_answers_with_a_verdict, averaging_pb2.MessageFromLeader, codes)
-
-    assert answers(accepted) == [accepted, disbanded]
-    assert answers() == [disbanded]
-    assert answers(accepted, begin) == [accepted, begin]
-    assert answers(averaging_pb2.NOT_LOOKING_FOR_GROUP) == [averaging_pb2.NOT_LOOKING_FOR_GROUP]
-
-
 def _sender_gone():
     raise EOFError  # what unpickling a request raises when its sender exits in the middle of handing over its pipe
 
