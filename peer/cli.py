@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from peer import __version__, logs
 from peer.config import PeerConfig
-from peer.errors import UserError
+from peer.errors import InputError, UserError
 from peer.swarm import hivemind_compat  # imports no hivemind (see its docstring)
 
 ENV_PREFIX = "BERTSWARM_"
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg, explicit = parse_config(argv)
         setup_logging(quiet=cfg.quiet, verbose=cfg.verbose, log_format=cfg.log_format)
+        check_data_flag(cfg.data)  # a wrong --data is answered at once, not after seconds of imports
         from peer.swarm import hivemind_compat
 
         hivemind_compat.check_version()  # before anything that subclasses hivemind's internals is imported
@@ -170,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         trainer.run(cfg, explicit)
 
     return run_command("bertswarm-peer", body)
+
+
+def check_data_flag(data: list[str]) -> None:
+    """``--data``'s text entries name readable text (:func:`peer.data.corpus.check_start`); a prepared directory is
+    checked when it is opened."""
+    from peer.data import corpus, shards  # light: no torch, no hivemind
+
+    try:
+        corpus.check_start([entry for entry in data if not shards.is_prepared(entry)])
+    except InputError as e:
+        raise e.with_flag("--data") from None
 
 
 def print_peer_id(argv: list[str]) -> None:

@@ -107,6 +107,20 @@ def expand_entry(entry: str) -> list[Path]:
     raise InputError(entry, f"no such file or directory; {_DATA_HINT}")
 
 
+def check_start(paths: Sequence[str | os.PathLike[str]]) -> None:
+    """A quick look at the local entries of ``paths`` before anything slow starts: each names files
+    (:func:`expand_entry`), and each file opens and starts with UTF-8 text (read up to its first non-blank line).
+    Raises the :class:`~peer.errors.InputError` the full read would; a problem further into a file is found when the
+    file is read. ``hf:`` entries are left to their own loading."""
+    for entry in map(os.fspath, paths):
+        if entry.startswith(HF_PREFIX):
+            continue
+        for path in expand_entry(entry):
+            for _number, line in _lines(path):
+                if line.strip():
+                    break
+
+
 def _read_file(path: Path, on_empty: Callable[[], None] | None = None) -> Iterator[str]:
     """The documents of one file, streamed: memory is bounded by the longest line (JSONL) or paragraph (text), not the
     file, so a single 20 GB dump can be prepared. Problems are raised when reached (naming the file and the offset)."""

@@ -126,6 +126,9 @@ _AGGREGATE_HANDLER = ".rpc_aggregate_part"  # hivemind's handler name: "[namespa
 # how long a peer that sent a groupmate all its results keeps their stream open for the groupmate to close it first
 # (``_serve_parts_until_the_caller_closes``); a groupmate of this version closes as soon as its last part is in
 CALLER_CLOSES_WITHIN = 10.0
+# the P2P object's attribute holding the tasks that serve groupmates' all-reduce streams (set by
+# ``_serve_parts_until_the_caller_closes``, awaited by ``shutdown_averager``)
+SERVING_PARTS = "_bertswarm_serving_parts"
 
 
 class _CloseLater:
@@ -145,16 +148,16 @@ class _CloseLater:
 def _serve_parts_until_the_caller_closes(add_binary_stream_handler):
     """hivemind's ``P2P.add_binary_stream_handler``, for the all-reduce's stream (a groupmate sends its parts and gets
     this peer's results back): the stream is closed by the groupmate first, and the task that serves it is kept in the
-    P2P object's ``_serving_parts`` set until its last bytes are handed to p2pd.
+    P2P object's ``SERVING_PARTS`` set until its last bytes are handed to p2pd.
 
     - **Who closes first.** p2pd (v0.5.0.hivemind1) closes both directions of a libp2p stream when its local end is
       closed, and the goroutine still reading the other direction then resets the stream; when that reset goes out
       before the close, the groupmate's p2pd drops the results it has not passed on yet (go-yamux discards what a
       reset stream still buffers): "peer ... sent 25 parts, but we expected 34", and the round ended in part for it
-      (about 1 in 8 runs of ``test_equivalence`` on busy cores, each with p2pd's "stream reset" at the groupmate at
-      that moment). So the groupmate closes first, once its last expected part is in (``_stop_after_the_last_part``),
-      and only then is this end closed; a groupmate that reads to the end (an older bertswarm) gets it after
-      ``CALLER_CLOSES_WITHIN`` seconds.
+      (in 2 of about 20 runs of ``test_equivalence`` beside one busy loop, 1 of 6 beside the full suite, each with
+      p2pd's "stream reset" at the groupmate at that moment). So the groupmate closes first, once its last expected
+      part is in (``_stop_after_the_last_part``), and only then is this end closed; a groupmate that reads to the end
+      (an older bertswarm) gets it after ``CALLER_CLOSES_WITHIN`` seconds.
     - **Leaving right after a round.** A peer's round is over once its own results are in, while the results it
       reduced for its groupmates may still be on their way; ``shutdown_averager`` waits for these tasks, so a peer
       that leaves right after a round (a stop's "finishing the current step") does not cut them off."""
@@ -162,7 +165,7 @@ def _serve_parts_until_the_caller_closes(add_binary_stream_handler):
 
     async def patched(self, name, handler, balanced: bool = False):
         if name.endswith(_AGGREGATE_HANDLER):
-            serving = self.__dict__.setdefault("_serving_parts", set())
+            serving = self.__dict__.setdefault(SERVING_PARTS, set())
             inner = handler
 
             async def handler(stream_info, reader, writer):
@@ -394,7 +397,7 @@ async def shutdown_averager(self, timeout: float | None) -> None:
                 lock.release()
                 quiet_since = time.monotonic()
             await asyncio.sleep(0.01)
-    serving = self._p2p.__dict__.get("_serving_parts")  # groupmates' streams still getting their results
+    serving = self._p2p.__dict__.get(SERVING_PARTS)  # groupmates' streams still getting their results
     if serving:
         await asyncio.wait(set(serving), timeout=max(0.0, deadline - time.monotonic()))
     # this process's own connection to p2pd: hivemind never closes it, which left its socket file in /tmp

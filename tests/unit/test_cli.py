@@ -103,3 +103,37 @@ def test_library_errors_name_no_flag_and_the_command_adds_it(tmp_path):
         load_inputs(None, [str(empty)])
     with pytest.raises(UserError, match=r"^--tokenizer /nonexistent: no such file or directory"):
         load_inputs("/nonexistent", [str(empty)])
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_data_path_is_answered_before_the_heavy_imports(tmp_path):
+    """A mistyped --data used to be answered after torch, transformers and hivemind were imported (6 s here); the text
+    entries are looked at first, with the same one-line messages, while a good file, a prepared directory and an
+    hf: entry pass through to the run."""
+    import subprocess
+    import sys
+
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01binary")
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    (tmp_path / "good.txt").write_text("\n\nsome text\n")
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "train-00000.npy").write_bytes(b"")
+    probe = (
+        "import sys\n"
+        "from peer import cli\n"
+        "from peer.errors import UserError\n"
+        "for data, expected in [('missing.txt', 'no such file or directory'), ('blob.txt', 'binary file'),\n"
+        "                       ('blank.txt', 'file is empty'), ('*.jsonl', 'glob matches no files')]:\n"
+        "    try:\n"
+        "        cli.check_data_flag([data])\n"
+        "    except UserError as e:\n"
+        "        assert str(e).startswith(f'--data {data}: ') and expected in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError(data)\n"
+        "cli.check_data_flag(['good.txt', 'prepared', 'hf:wikitext:wikitext-2-raw-v1'])\n"
+        "heavy = sorted({'torch', 'transformers', 'hivemind'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0, done.stderr
+    assert main(["--data", str(tmp_path / "blob.txt")]) == 2
