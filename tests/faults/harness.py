@@ -105,28 +105,7 @@ class Session:
             raise AssertionError(f"{e}\n{self.round_summary(timeout)}") from None
 
     def round_summary(self, seconds: float) -> str:
-        """What each live peer's rounds met in the last ``seconds``: its warnings and hivemind's matchmaking and
-        all-reduce debug lines (``DEBUG_LOGGERS``), peers by name, numbers as #, most frequent first."""
-        names = {p.join_address.rsplit("/p2p/", 1)[-1]: p.name for p in self.swarm.peers if p.join_address}
-        since, now = time.strftime("%H:%M:%S", time.localtime(time.time() - seconds)), time.strftime("%H:%M:%S")
-        since = since if since <= now else "00:00:00"  # past midnight: the whole log
-        lines = []
-        for peer in self.live:
-            try:
-                text = peer.log_path.read_text(errors="replace")
-            except OSError:
-                continue
-            events = collections.Counter()
-            for line in text.splitlines():
-                timed = line[2:3] == ":" and line[:8] >= since  # not a traceback's line
-                if timed and (" WARN " in line[:14] or " hivemind.averaging." in line):
-                    parts = re.split(r"(Qm\w+)", line[9:])  # peer ids at the odd places
-                    event = "".join(names.get(part, "?") if i % 2 else re.sub(r"\d+(\.\d+)?", "#", part)
-                                    for i, part in enumerate(parts))  # fmt: skip
-                    events[event[:200]] += 1
-            lines += [f"{peer.name}: {n} x {event}" for event, n in events.most_common(15)] or [f"{peer.name}: none"]
-        joined = "\n".join(lines)
-        return f"what the rounds met in the last {seconds:.0f} s:\n{joined}"
+        return round_summary(self.live, seconds, self.swarm.peers)
 
     def stage(self, peer: LocalPeer) -> str:
         try:
@@ -206,3 +185,29 @@ class Session:
 
 def _close(a: list[float], b: list[float]) -> bool:
     return all(abs(x - y) <= 1e-6 * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))
+
+
+def round_summary(peers: list[LocalPeer], seconds: float, named: list[LocalPeer] | None = None) -> str:
+    """What each of ``peers``' rounds met in the last ``seconds``: its warnings and hivemind's matchmaking and
+    all-reduce debug lines (``DEBUG_LOGGERS``), peers (of ``named``, default ``peers``) by name, numbers as #, most
+    frequent first."""
+    names = {p.join_address.rsplit("/p2p/", 1)[-1]: p.name for p in named or peers if p.join_address}
+    since, now = time.strftime("%H:%M:%S", time.localtime(time.time() - seconds)), time.strftime("%H:%M:%S")
+    since = since if since <= now else "00:00:00"  # past midnight: the whole log
+    lines = []
+    for peer in peers:
+        try:
+            text = peer.log_path.read_text(errors="replace")
+        except OSError:
+            continue
+        events = collections.Counter()
+        for line in text.splitlines():
+            timed = line[2:3] == ":" and line[:8] >= since  # not a traceback's line
+            if timed and (" WARN " in line[:14] or " hivemind.averaging." in line):
+                parts = re.split(r"(Qm\w+)", line[9:])  # peer ids at the odd places
+                event = "".join(names.get(part, "?") if i % 2 else re.sub(r"\d+(\.\d+)?", "#", part)
+                                for i, part in enumerate(parts))  # fmt: skip
+                events[event[:200]] += 1
+        lines += [f"{peer.name}: {n} x {event}" for event, n in events.most_common(15)] or [f"{peer.name}: none"]
+    joined = "\n".join(lines)
+    return f"what the rounds met in the last {seconds:.0f} s:\n{joined}"

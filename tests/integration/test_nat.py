@@ -29,6 +29,7 @@ import pytest
 from bench import netns
 from peer.localswarm import LocalPeer
 from peer.swarm.optim import STATE_AVERAGING_EVERY
+from tests.faults.harness import DEBUG_LOGGERS, round_summary
 
 from .conftest import FAST
 
@@ -106,7 +107,9 @@ def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_c
                 assert topo.can_connect(src, topo.host_ip(dst), 7000) == can, f"{src} -> {dst}: expected {can}"
 
             started = time.monotonic()
-            watch = {name: {"BERTSWARM_TEST_WATCH_DIR": str(tmp_path / f"{name}.watch")} for name in ("pub", "a", "b")}
+            # hivemind's matchmaking and all-reduce debug lines: a failure shows what the rounds met (round_summary)
+            watch = {name: {"BERTSWARM_TEST_WATCH_DIR": str(tmp_path / f"{name}.watch"),
+                            "BERTSWARM_DEBUG_LOGGERS": DEBUG_LOGGERS} for name in ("pub", "a", "b")}  # fmt: skip
             pub = NsPeer("pub", topo, tmp_path, [*common, "--listen", f"/ip4/{topo.PUBLIC_IP}/tcp/31337"],
                          env=watch["pub"])  # fmt: skip
             peers.append(pub)
@@ -127,7 +130,7 @@ def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_c
                 if rounds and min(rounds.values()) >= 3:
                     break
                 time.sleep(1.0)
-            logs = "\n".join(f"--- {p.name}\n{p.log_tail(20)}" for p in peers)
+            logs = round_summary(peers, 120)
             assert rounds and min(rounds.values()) >= 3, f"the peers did not average 3 times: {rounds}\n{logs}"
             elapsed = time.monotonic() - started
             # rounds that lost a groupmate's parts (through a relay: all of them) are not successes; on busy cores a
@@ -166,7 +169,9 @@ def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_c
                 after = (common_steps[0] // STATE_AVERAGING_EVERY + 1) * STATE_AVERAGING_EVERY
                 deadline = time.monotonic() + 60
                 while not common_steps or common_steps[-1] <= after:
-                    assert time.monotonic() < deadline, f"no common step after step {after}: {common_steps}"
+                    assert time.monotonic() < deadline, (
+                        f"no common step after step {after}: {common_steps}\n{round_summary(peers, 120)}"
+                    )
                     time.sleep(1.0)
                     prints, common_steps = common()
 
