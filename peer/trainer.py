@@ -155,16 +155,21 @@ def prepare(cfg: PeerConfig, explicit: set[str] = frozenset()) -> Prepared:
     allow = membership.read_allow_file(cfg.allow) if cfg.allow is not None else None
     # a setting outside the manifest's bounds is answered now, not after p2pd has started
     from_config(cfg, cfg.run_id or DEFAULT_RUN_ID, tokenizer_fingerprint(tokenizer), tokenizer.get_vocab_size())
-    pinned = dataset is not None
-    if not pinned:  # with this peer's settings; a joiner whose run says otherwise prepares again (Trainer)
-        dataset = prepare_text_flag(cfg.data, tokenizer, seq_len=cfg.seq_len, nsp=cfg.nsp)
     telemetry = PeerTelemetry()
     port = telemetry.serve(cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port is not None else None
-    # a corrupt --init-from is answered in ~1 s, not after the DHT has started; the run is checked once it is known
     try:
-        init = load_checkpoint(cfg.init_from, expected_fingerprint=None) if cfg.init_from else None
-    except CheckpointError as e:
-        raise e.with_flag("--init-from") from None
+        # a corrupt --init-from is answered in ~1 s, not after the DHT has started; the run is checked once it is known
+        try:
+            init = load_checkpoint(cfg.init_from, expected_fingerprint=None) if cfg.init_from else None
+        except CheckpointError as e:
+            raise e.with_flag("--init-from") from None
+        # last, as it can take minutes the first time: every quick check above is answered before it
+        pinned = dataset is not None
+        if not pinned:  # with this peer's settings; a joiner whose run says otherwise prepares again (Trainer)
+            dataset = prepare_text_flag(cfg.data, tokenizer, seq_len=cfg.seq_len, nsp=cfg.nsp)
+    except BaseException:
+        telemetry.close()
+        raise
     return Prepared(state_dir, tokenizer, telemetry, port, init, dataset, pinned, cfg, allow)
 
 

@@ -19,10 +19,11 @@ from tests.integration.conftest import FAST, free_port
 PEER_ID = "12D3KooWB72XDuQv8xY5qFEzdJutWeuR5pJuipzJaK1Z5dD9DKVG"
 
 
-def run(module: str, *args: str, timeout: float = 90) -> tuple[int, str, float]:
+def run(module: str, *args: str, timeout: float = 90, env: dict | None = None) -> tuple[int, str, float]:
     started = time.monotonic()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)  # fmt: skip
+                          env=env, start_new_session=True)  # fmt: skip
     return proc.returncode, proc.stderr, time.monotonic() - started
 
 
@@ -44,14 +45,14 @@ class Cases:
         self.workdir = workdir
         self.seconds: dict[str, float] = {}
 
-    def peer(self, case: str, *args: str, expect: tuple[str, ...], timeout: float = 90) -> str:
-        return self._run(case, "peer", args, expect, timeout)
+    def peer(self, case: str, *args: str, expect: tuple[str, ...], timeout: float = 90, env: dict | None = None) -> str:
+        return self._run(case, "peer", args, expect, timeout, env)
 
     def coordinator(self, case: str, *args: str, expect: tuple[str, ...], timeout: float = 90) -> str:
         return self._run(case, "coordinator", args, expect, timeout)
 
-    def _run(self, case, module, args, expect, timeout) -> str:
-        code, err, seconds = run(module, *args, timeout=timeout)
+    def _run(self, case, module, args, expect, timeout, env=None) -> str:
+        code, err, seconds = run(module, *args, timeout=timeout, env=env)
         self.seconds[case] = seconds
         try:
             return assert_one_line_error(code, err, *expect)
@@ -160,8 +161,12 @@ def _without_swarm(c: Cases, workdir: Path, corpus: Path) -> dict:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        c.peer("metrics_port_in_use", "--state-dir", state, "--metrics-port", str(port),
-               expect=(f"--metrics-port {port}", "pick a free port"))  # fmt: skip
+        # answered before new text is prepared (minutes for a large corpus the first time): nothing is cached
+        cache = workdir / "cache"
+        c.peer("metrics_port_in_use", "--state-dir", state, "--metrics-port", str(port), "--data", str(corpus),
+               expect=(f"--metrics-port {port}", "pick a free port"), env={"XDG_CACHE_HOME": str(cache)})  # fmt: skip
+        prepared = cache / "bertswarm" / "prepared"
+        assert not prepared.exists() or not any(prepared.iterdir()), list(prepared.iterdir())
 
     blocker = workdir / "a-file"
     blocker.write_text("keep me")
