@@ -355,13 +355,18 @@ def cancel_step(self) -> bool:
     and the first peer, whose own step waited for the next round, stayed one round out of step with them for good
     (its step N took the round of their step N + 1; every round "succeeded"; the weights drifted apart until the
     next state averaging; the NAT test caught it in 4 of 7 runs on busy cores).
+
+    A second cancel sends no second signal (hivemind's raised ``InvalidStateError`` on the cancel signal): the
+    optimizer cancels a pre-scheduled round it does not need right after checking that it is not done, and a stop
+    signal that cancels it in between made the peer exit 1 with a traceback (once in a full suite,
+    ``test_lifecycle``'s interrupt).
     """
     from hivemind.utils.mpfuture import MPFuture
 
     cancelled = MPFuture.cancel(self)
     if self._trigger is not None:
         self._trigger.cancel()
-    if self._cancel is not None:
+    if self._cancel is not None and not self._cancel.done():  # done: an earlier cancel told the averager process
         self._cancel.set_result(None)
     return cancelled
 
