@@ -93,7 +93,7 @@ def install() -> None:
     StepControl.cancel = cancel_step
     P2P._make_process_args = staticmethod(_static_relays_without_discovery(P2P._make_process_args))
     # an all-reduce stream is closed by the groupmate that gets the results first, and the peer that sent them waits
-    # for that (and, leaving, for every such stream); a leader's answers to a follower are closed by the follower first
+    # for that (and, leaving, for every such stream)
     P2P.add_binary_stream_handler = _serve_parts_until_the_caller_closes(P2P.add_binary_stream_handler)
     # the DHT process outlives a request whose sender has exited (hivemind's loop ended on its EOFError)
     DHT.run = _survive_orphaned_requests(DHT.run)
@@ -123,7 +123,6 @@ def _static_relays_without_discovery(make_process_args):
 
 
 _AGGREGATE_HANDLER = ".rpc_aggregate_part"  # hivemind's handler name: "[namespace::]Class.rpc_aggregate_part"
-_JOIN_HANDLER = ".rpc_join_group"  # a leader's answers to a follower: ACCEPTED, then BEGIN_ALLREDUCE or a refusal
 # how long a peer that sent a groupmate all its results keeps their stream open for the groupmate to close it first
 # (``_serve_parts_until_the_caller_closes``); a groupmate of this version closes as soon as its last part is in
 CALLER_CLOSES_WITHIN = 10.0
@@ -161,18 +160,12 @@ def _serve_parts_until_the_caller_closes(add_binary_stream_handler):
       (an older bertswarm) gets it after ``CALLER_CLOSES_WITHIN`` seconds.
     - **Leaving right after a round.** A peer's round is over once its own results are in, while the results it
       reduced for its groupmates may still be on their way; ``shutdown_averager`` waits for these tasks, so a peer
-      that leaves right after a round (a stop's "finishing the current step") does not cut them off.
-    - **A leader's answers** (``rpc_join_group``) are closed the same way, without the wait at leaving: hivemind's
-      follower closes its stream as soon as it has the leader's last answer. A "begin the round" dropped by that
-      reset left the leader in the round alone, waiting for parts that never came, while the follower found no group
-      (once in ``test_diloco`` in two full suites; a scratch loop of two averagers beside busy loops showed that
-      shape once in about 8,600 rounds)."""
+      that leaves right after a round (a stop's "finishing the current step") does not cut them off."""
     import asyncio
 
     async def patched(self, name, handler, balanced: bool = False):
-        if name.endswith((_AGGREGATE_HANDLER, _JOIN_HANDLER)):
-            # a leaving peer waits for its groupmates' results, not for its answers to followers
-            serving = self.__dict__.setdefault(SERVING_PARTS, set()) if name.endswith(_AGGREGATE_HANDLER) else set()
+        if name.endswith(_AGGREGATE_HANDLER):
+            serving = self.__dict__.setdefault(SERVING_PARTS, set())
             inner = handler
 
             async def handler(stream_info, reader, writer):

@@ -240,7 +240,12 @@ def _serve_three_parts(caller_reads):
     """A peer serving a groupmate's all-reduce stream (3 results back for 3 parts) on loopback p2pd, and the groupmate
     reading it with ``caller_reads(stream)``. Returns what that returned and how long the serving peer kept the stream
     after the groupmate's reading was over (None: still open 10 s later)."""
+    import asyncio
+
+    from hivemind.p2p import P2P
     from hivemind.proto import averaging_pb2
+
+    hivemind_compat.install()
 
     async def handler(stream, context):
         async for _ in stream:
@@ -252,32 +257,20 @@ def _serve_three_parts(caller_reads):
         for _ in range(3):
             yield averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING)
 
-    data = averaging_pb2.AveragingData
-    return _call_on_loopback("Test.rpc_aggregate_part", handler, parts(), (data, data), caller_reads)
-
-
-def _call_on_loopback(name, handler, requests, types, caller_reads, stream_input=True):
-    """``handler`` served as ``name`` by one p2pd on loopback and called from another with ``requests``, whose answers
-    ``caller_reads(stream)``; ``types``: the request's and the answers' protobuf classes. Returns what that returned
-    and how long the serving peer kept its tasks in ``SERVING_PARTS`` after the caller's reading was over (None: still
-    there 10 s later)."""
-    import asyncio
-
-    from hivemind.p2p import P2P
-
-    hivemind_compat.install()
-
     async def main():
         serving = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         maddrs = [str(m) for m in await serving.get_visible_maddrs()]
         caller = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
         try:
-            await serving.add_protobuf_handler(name, handler, types[0], stream_input=stream_input, stream_output=True)
-            stream = await caller.iterate_protobuf_handler(serving.peer_id, name, requests, types[1])
+            name = "Test.rpc_aggregate_part"
+            await serving.add_protobuf_handler(
+                name, handler, averaging_pb2.AveragingData, stream_input=True, stream_output=True
+            )
+            stream = await caller.iterate_protobuf_handler(serving.peer_id, name, parts(), averaging_pb2.AveragingData)
             read = await caller_reads(stream)
             done = time.monotonic()
             # empty if the serving peer has closed its end already
-            tasks = set(getattr(serving, hivemind_compat.SERVING_PARTS, ()))
+            tasks = set(getattr(serving, hivemind_compat.SERVING_PARTS))
             finished, _ = await asyncio.wait(tasks, timeout=10) if tasks else (set(), set())
             return read, (time.monotonic() - done if finished == tasks else None)
         finally:
@@ -312,34 +305,6 @@ def test_an_all_reduce_stream_is_closed_by_the_groupmate_once_its_last_part_is_i
 
     codes, kept = _serve_three_parts(to_the_end_for_a_second)
     assert len(codes) == 3 and kept is not None
-
-
-@pytest.mark.timeout(60)
-def test_a_leaders_answers_are_closed_by_the_follower_first(monkeypatch):
-    """The same reset dropped a leader's last answer to a follower, "begin the round": the leader ran the round alone
-    while the follower found no group. The leader's end stays open until the follower, which closes once it has the
-    last answer it waits for (hivemind's ``_request_join_group``), has closed its own."""
-    import asyncio
-
-    from hivemind.proto import averaging_pb2
-
-    monkeypatch.setattr(hivemind_compat, "CALLER_CLOSES_WITHIN", 60.0)
-
-    async def leader(request, context):
-        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
-        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.BEGIN_ALLREDUCE, group_id=b"g")
-
-    async def follower(stream):
-        codes = [(await anext(stream)).code for _ in range(2)]
-        with pytest.raises(asyncio.TimeoutError):  # hivemind's leader closed its end here, at once
-            await asyncio.wait_for(anext(stream), 1.0)
-        await stream.aclose()
-        return codes
-
-    request = averaging_pb2.JoinRequest(schema_hash=b"s")
-    types = (averaging_pb2.JoinRequest, averaging_pb2.MessageFromLeader)
-    codes, _ = _call_on_loopback("Test.rpc_join_group", leader, request, types, follower, stream_input=False)
-    assert codes == [averaging_pb2.ACCEPTED, averaging_pb2.BEGIN_ALLREDUCE]
 
 
 @pytest.mark.timeout(60)
