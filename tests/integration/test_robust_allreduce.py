@@ -168,6 +168,9 @@ def _worker(scenarios: list) -> None:
     from peer.swarm import hivemind_compat
 
     hivemind_compat.configure_logging()  # as a peer does: before hivemind's import, it hides benign shutdown races
+    # as a peer does (peer.swarm.dht.start_dht): before a DHT forks. Without it a DHT process died of an averager's
+    # last request, unpickled after the averager had exited (EOFError), and the next scenario hung to the timeout
+    hivemind_compat.install()
 
     import torch
     from hivemind import DHT
