@@ -350,9 +350,10 @@ def cancel_step(self) -> bool:
     next state averaging; the NAT test caught it in 4 of 7 runs on busy cores).
 
     A second cancel sends no second signal (hivemind's raised ``InvalidStateError`` on the cancel signal): the
-    optimizer cancels a pre-scheduled round it does not need right after checking that it is not done, and a stop
-    signal that cancels it in between made the peer exit 1 with a traceback (once in a full suite,
-    ``test_lifecycle``'s interrupt).
+    optimizer cancels a pre-scheduled round it does not need right after checking that it is not done; a second
+    cancel made the peer exit 1 with a traceback (once in a full suite, ``test_lifecycle``'s interrupt). The first
+    was most likely the stop signal's (``cancel_matchmaking``) landing in between: the traceback shows only the
+    second, and any second cancel is now harmless.
     """
     from hivemind.utils.mpfuture import MPFuture
 

@@ -130,7 +130,8 @@ def test_private_peers_behind_two_nats_average_with_each_other(tmp_path, small_c
                 if rounds and min(rounds.values()) >= 3:
                     break
                 time.sleep(1.0)
-            logs = round_summary(peers, 120)
+            tails = "\n".join(f"--- {p.name}\n{p.log_tail(20)}" for p in peers)
+            logs = f"{round_summary(peers, 120)}\n{tails}"
             assert rounds and min(rounds.values()) >= 3, f"the peers did not average 3 times: {rounds}\n{logs}"
             elapsed = time.monotonic() - started
             # rounds that lost a groupmate's parts (through a relay: all of them) are not successes; on busy cores a

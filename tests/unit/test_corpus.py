@@ -317,3 +317,18 @@ def test_text_paragraphs_and_bad_bytes_are_found_while_streaming(tmp_path):
     bad.write_bytes(b"fine\n\nalso fine\n\xff\xfe broken\n")
     message = _user_error([str(bad)])
     assert "not UTF-8 text (bad byte at offset 16)" in message and str(bad) in message
+
+
+def test_the_quick_look_opens_the_first_files_of_an_entry_and_the_read_finds_the_rest(tmp_path):
+    """A start checks a large --data directory in bounded time; a bad file past the quick look still gets its answer
+    when the text is read."""
+    count = corpus.QUICK_LOOK_FILES
+    for index in range(count):
+        (tmp_path / f"{index:03d}.txt").write_text(f"document {index}\n", encoding="utf-8")
+    (tmp_path / f"{count:03d}.txt").write_bytes(b"late\x00binary")
+    corpus.check_start([tmp_path])  # the binary file is past the quick look
+    (tmp_path / f"{count - 1:03d}.txt").write_bytes(b"\x00")
+    with pytest.raises(UserError, match="binary file"):
+        corpus.check_start([tmp_path])  # within it
+    (tmp_path / f"{count - 1:03d}.txt").write_text("fixed\n", encoding="utf-8")
+    assert "binary file" in _user_error([str(tmp_path)])  # the full read

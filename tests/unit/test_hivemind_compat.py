@@ -72,7 +72,8 @@ def test_a_cancelled_round_is_cancelled_before_the_averager_hears_of_it():
     cancel.add_done_callback(lambda _: heard.append(("cancel", cancel.done(), control.cancelled())))
     assert control.cancel() and control.cancelled()
     assert heard == [("trigger", True, True), ("cancel", True, True)]
-    # a stop signal's cancel landing between the optimizer's "not done?" and its own cancel: no error, no new signal
+    # a second cancel (the optimizer's, when most likely a stop signal's landed after its "not done?"): no error, no
+    # new signal
     assert control.cancel() and control.cancelled()
     assert heard == [("trigger", True, True), ("cancel", True, True)]
 
