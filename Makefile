@@ -35,7 +35,7 @@ test: setup
 	$(PY) -m ruff format --check peer coordinator serve monitoring tests tools bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The developer's inner loop (about 2 minutes on 2 cores): lint, the unit tests, and the two-peer test that checks the
+# The developer's inner loop (about 3 minutes on 2 cores): lint, the unit tests, and the two-peer test that checks the
 # product's Trainer against a single process. make test stays the full suite that CI runs.
 test-fast: setup
 	$(PY) -m ruff check peer coordinator serve monitoring tests tools bench

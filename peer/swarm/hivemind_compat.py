@@ -632,7 +632,16 @@ def _build_robust_gradient_averager():
     from peer.swarm.robust import RobustAveragingMixin
 
     class RobustGradientAverager(MembersOnlyMixin, RobustAveragingMixin, GradientAverager):
-        """Sync mode: hivemind's ``GradientAverager`` with the run's aggregation rule."""
+        """Sync mode: hivemind's ``GradientAverager`` with the run's aggregation rule. Each round gathers the step
+        every groupmate is averaging for (``epoch_for_rounds``, set by ``SwarmOptimizer``; the round's result maps
+        peer id to it), so that a peer can tell when it averaged with peers at another step."""
+
+        epoch_for_rounds = None  # Callable[[], int], read in this (the training) process when a round is scheduled
+
+        def schedule_step(self, scheduled_time=None, **kwargs):
+            if self.epoch_for_rounds is not None:
+                kwargs.setdefault("gather", self.epoch_for_rounds())
+            return super().schedule_step(scheduled_time, **kwargs)
 
     return RobustGradientAverager
 

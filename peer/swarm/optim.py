@@ -15,6 +15,7 @@ Tuning advice (the defaults suit 2-16 peers on one continent):
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -215,12 +216,14 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         self._on_state_loaded = on_state_loaded or (lambda seconds: None)
         self._partial_rounds = partial_rounds if partial_rounds is not None else PartialRounds()
         self._after_state_load = False  # the next gradient round is this peer's first since it loaded the state
-        self._resync = False  # that round failed: load the state again before the next step (see step)
+        self._resync = ""  # why the next step loads the state again first (see step); empty: it does not
         self.skipped_nonfinite_steps = 0
         guards.share_rejection_counter()  # before hivemind forks its averagers
         hivemind_compat.install()  # likewise: the forked averagers keep the (finite-only, NumPy 2.4-fixed) hivemind
         super().__init__(*args, **kwargs)
         self.state_averager.optimizer.on_nonfinite = self._count_nonfinite_step
+        # every gradient round gathers the step each groupmate averages for (see _note_group_steps)
+        self.grad_averager.epoch_for_rounds = lambda: self.local_epoch
         # the gradient round this peer stopped waiting for because every other peer had left (_watch_departures)
         self._abandoned_grads = None
         self._left = threading.Event()
@@ -375,13 +378,14 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
 
     def step(self, *args, **kwargs):
         """hivemind's step, except after a first step since a state load that missed the swarm's round
-        (``_note_first_round``): then this call leaves the round this peer had scheduled next (with zero weight, as
-        hivemind does before a state load, so that the others do not wait for it), waits until the other peers have
-        reached this peer's step (the round it missed is over; this peer's own progress record, which hivemind's
-        ``global_epoch`` counts, already says that step), loads their state, and drops this micro-batch's gradients
-        (as hivemind does when it finds a peer out of sync)."""
+        (``_note_first_round``) or a round with groupmates at another step (``_note_group_steps``): then this call
+        leaves the round this peer had scheduled next (with zero weight, as hivemind does before a state load, so that
+        the others do not wait for it), waits until the other peers have reached this peer's step (the round it missed
+        is over; this peer's own progress record, which hivemind's ``global_epoch`` counts, already says that step),
+        loads their state, and drops this micro-batch's gradients (as hivemind does when it finds a peer out of
+        sync)."""
         if self._resync:
-            self._resync = False
+            reason, self._resync = self._resync, ""
             if self.scheduled_grads is not None and not self.scheduled_grads.done():
                 self._tag_along_with_zero_weight(self.scheduled_grads)
                 self.scheduled_grads = None
@@ -393,8 +397,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
                 if others is not False and others >= self.local_epoch:
                     break
                 time.sleep(0.2)
-            logger.warning("this peer's first step after loading the state missed the swarm's averaging round; "
-                           "loading the state again so as not to train on apart from the others")  # fmt: skip
+            logger.warning("%s; loading the state again so as not to train on apart from the others", reason)
             self.load_state_from_peers()
             return None
         return super().step(*args, **kwargs)
@@ -431,6 +434,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         elif control.done() and control.exception() is None:
             outcome = "partial" if partial else "success"
             self._note_first_round(outcome)
+            self._note_group_steps(control.result())
             self._on_round(outcome, len(control.result()), seconds)
         else:
             self._note_first_round("failed")
@@ -454,8 +458,30 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         this peer would train on one step apart from the swarm until the next state averaging round. The next
         ``step`` loads the state again instead (bench scenario 14; the NAT test, where both joiners did this)."""
         if self._after_state_load and outcome in ("failed", "solo"):
-            self._resync = True
+            self._resync = "this peer's first step after loading the state missed the swarm's averaging round"
         self._after_state_load = False
+
+    def _note_group_steps(self, gathered: dict) -> None:
+        """A round whose groupmates were at another step: peers at different steps hold different weights, so the
+        round's averaged gradient left them apart, and every later round would "succeed" with them still apart (seen:
+        a joiner that loaded the state just before the peer that sent it stepped without it, then took that peer's
+        next round as its own step, one step behind for good). A peer whose step is not the group's most common one
+        (on a tie, the later one: the peer behind had missed a round) loads the state again at its next ``step`` (as
+        after ``_note_first_round``). Each groupmate's step is what its averager gathered
+        (``RobustGradientAverager.epoch_for_rounds``); a groupmate that gathered none (another bertswarm version) is
+        left out."""
+        own = gathered.get(self.dht.peer_id)
+        steps = collections.Counter(step for step in gathered.values() if isinstance(step, int))
+        logger.debug("round from step %s: the groupmates' steps %s", own, dict(steps))
+        if not isinstance(own, int) or len(steps) < 2:
+            return
+        most = max(steps.values())
+        common = max(step for step, count in steps.items() if count == most)
+        if own != common:
+            self._resync = (
+                f"this peer averaged for its step {own + 1} in the round of step {common + 1} of its group (one of "
+                "them had missed a round)"
+            )
 
 
 def make_optimizer(

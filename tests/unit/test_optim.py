@@ -1,6 +1,7 @@
 """Optimizer pieces: schedule keyed to the global epoch, clipping of the applied gradient, no hidden step at init."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -128,8 +129,9 @@ def test_every_hivemind_compression_decodes_what_it_sent(name, shape):
 class _FinishedRound:
     """A gradient round's control as hivemind leaves it: done, with the gathered data of a group of 2."""
 
-    def __init__(self, error=None):
+    def __init__(self, error=None, gathered=None):
         self.error = error
+        self.gathered = gathered if gathered is not None else {"a": None, "b": None}
 
     def cancelled(self):
         return False
@@ -141,7 +143,7 @@ class _FinishedRound:
         return self.error
 
     def result(self):
-        return {"a": None, "b": None}
+        return self.gathered
 
 
 class _BareOptimizer(SwarmOptimizer):
@@ -154,7 +156,8 @@ def _bare_optimizer(rounds: list) -> SwarmOptimizer:
     opt = object.__new__(_BareOptimizer)
     opt._partial_rounds = PartialRounds()
     opt._abandoned_grads = None
-    opt._after_state_load = opt._resync = False
+    opt._after_state_load, opt._resync = False, ""
+    opt.dht = types.SimpleNamespace(peer_id="a")  # this peer's key in a round's gathered data
     opt._on_round = lambda outcome, size, seconds: rounds.append((outcome, size))
     return opt
 
@@ -224,6 +227,34 @@ def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again(m
     opt._after_state_load = True
     opt.gradient_round_finished(None, 0.0)
     assert opt.step() == "stepped" and len(loads) == 2 and not opt._resync
+
+
+def test_a_round_with_groupmates_at_another_step_loads_the_state_again(caplog):
+    """A joiner that loaded the state just before its sender stepped without it took that peer's next round as its
+    own step: every round "succeeded" with it one step behind (the NAT test, at 1f25ad1). The step each groupmate
+    gathered shows it; a peer off the group's most common step (on a tie, the one behind) loads the state again."""
+    rounds, loads = [], []
+    opt = _bare_optimizer(rounds)
+    opt.state_averager = types.SimpleNamespace(local_epoch=6)  # after this round (for its step 6)
+    opt.averaging_timeout = 5.0
+    opt.scheduled_grads = None
+    opt._others_epoch = lambda: 7
+    opt.load_state_from_peers = lambda: loads.append(opt.local_epoch)
+
+    # this peer is "a": in step with the group, the later one of a tie, the majority, or beside older peers
+    for fine in ({"a": 5, "b": 5}, {"a": 6, "b": 5}, {"a": 5, "b": 5, "c": 6}, {"a": 5, "b": None}, {"b": 6}):
+        opt.gradient_round_finished(_FinishedRound(gathered=fine), 1.0)
+        assert not opt._resync, fine
+    for apart in ({"a": 5, "b": 6}, {"a": 6, "b": 5, "c": 5}):  # behind in a tie; ahead of the rest of its group
+        opt.gradient_round_finished(_FinishedRound(gathered=apart), 1.0)
+        assert opt._resync, apart
+        opt._resync = ""
+    opt.gradient_round_finished(_FinishedRound(gathered={"a": 5, "b": 6, "c": 6}), 1.0)
+    assert opt._resync and rounds[-1] == ("success", 3)
+    with caplog.at_level("WARNING", logger="peer.swarm.optim"):
+        assert opt.step() is None
+    assert loads == [6] and not opt._resync
+    assert "averaged for its step 6 in the round of step 7" in caplog.text and "loading the state again" in caplog.text
 
 
 def test_shutdown_drops_the_rounds_an_interrupted_step_left_waiting(monkeypatch):
