@@ -217,6 +217,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         self._partial_rounds = partial_rounds if partial_rounds is not None else PartialRounds()
         self._after_state_load = False  # the next gradient round is this peer's first since it loaded the state
         self._resync = ""  # why the next step loads the state again first (see step); empty: it does not
+        self._sharing_before_resync: bool | None = None  # state sharing is off until then (see _mark_apart)
         self.skipped_nonfinite_steps = 0
         guards.share_rejection_counter()  # before hivemind forks its averagers
         hivemind_compat.install()  # likewise: the forked averagers keep the (finite-only, NumPy 2.4-fixed) hivemind
@@ -393,14 +394,33 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
             while time.monotonic() < deadline:
                 others = self._others_epoch()
                 if others is None:  # the others have all left since: there is no swarm state to catch up with
+                    self._share_state_again()
                     return super().step(*args, **kwargs)
                 if others is not False and others >= self.local_epoch:
                     break
                 time.sleep(0.2)
             logger.warning("%s; loading the state again so as not to train on apart from the others", reason)
-            self.load_state_from_peers()
+            try:
+                self.load_state_from_peers()
+            finally:
+                self._share_state_again()
             return None
         return super().step(*args, **kwargs)
+
+    def _mark_apart(self, reason: str) -> None:
+        """The next ``step`` loads the state again (see ``step``); until then this peer serves its state to no one. Its
+        weights are apart from the swarm's, and with the highest step they would be the first choice of a joiner (seen:
+        a joiner's first step alone made its step the newest; the next joiner downloaded it, and the two outvoted the
+        swarm's founder in their next round)."""
+        self._resync = reason
+        if self._sharing_before_resync is None:
+            self._sharing_before_resync = self.state_averager.allow_state_sharing
+            self.state_averager.allow_state_sharing = False
+
+    def _share_state_again(self) -> None:
+        if self._sharing_before_resync is not None:
+            self.state_averager.allow_state_sharing = self._sharing_before_resync
+            self._sharing_before_resync = None
 
     def load_state_from_peers(self, **kwargs):
         started, epoch_before = time.perf_counter(), self.local_epoch
@@ -458,7 +478,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         this peer would train on one step apart from the swarm until the next state averaging round. The next
         ``step`` loads the state again instead (bench scenario 14; the NAT test, where both joiners did this)."""
         if self._after_state_load and outcome in ("failed", "solo"):
-            self._resync = "this peer's first step after loading the state missed the swarm's averaging round"
+            self._mark_apart("this peer's first step after loading the state missed the swarm's averaging round")
         self._after_state_load = False
 
     def _note_group_steps(self, gathered: dict) -> None:
@@ -478,7 +498,7 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         most = max(steps.values())
         common = max(step for step, count in steps.items() if count == most)
         if own != common:
-            self._resync = (
+            self._mark_apart(
                 f"this peer averaged for its step {own + 1} in the round of step {common + 1} of its group (one of "
                 "them had missed a round)"
             )

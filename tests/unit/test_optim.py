@@ -156,7 +156,7 @@ def _bare_optimizer(rounds: list) -> SwarmOptimizer:
     opt = object.__new__(_BareOptimizer)
     opt._partial_rounds = PartialRounds()
     opt._abandoned_grads = None
-    opt._after_state_load, opt._resync = False, ""
+    opt._after_state_load, opt._resync, opt._sharing_before_resync = False, "", None
     opt.dht = types.SimpleNamespace(peer_id="a")  # this peer's key in a round's gathered data
     opt._on_round = lambda outcome, size, seconds: rounds.append((outcome, size))
     return opt
@@ -200,7 +200,7 @@ def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again(m
 
     rounds, loads = [], []
     opt = _bare_optimizer(rounds)
-    opt.state_averager = SimpleNamespace(local_epoch=4)  # after its own (local) step 3 -> 4
+    opt.state_averager = SimpleNamespace(local_epoch=4, allow_state_sharing=True)  # after its own step 3 -> 4
     opt.averaging_timeout = 5.0
     opt.scheduled_grads = None
     epochs = iter([False, 3, 3, 4])  # the others' records: not read yet, still in the round 3 -> 4, then past it
@@ -214,8 +214,9 @@ def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again(m
     assert not opt._resync
     opt._after_state_load = True
     opt.gradient_round_finished(_FinishedRound(error=TimeoutError()), 1.0)
-    assert opt._resync
+    assert opt._resync and not opt.state_averager.allow_state_sharing  # nobody downloads its apart state meanwhile
     assert opt.step() is None and loads == [(4, "waited")] and not opt._resync
+    assert opt.state_averager.allow_state_sharing
     # a joiner that counted only one peer (its own record not back from the DHT yet) and stepped alone: the same
     opt._after_state_load = True
     opt.gradient_round_finished(None, 0.0)
@@ -227,6 +228,12 @@ def test_a_failed_or_solo_first_round_after_a_state_load_loads_the_state_again(m
     opt._after_state_load = True
     opt.gradient_round_finished(None, 0.0)
     assert opt.step() == "stepped" and len(loads) == 2 and not opt._resync
+    assert opt.state_averager.allow_state_sharing
+    # a client-mode peer (it shares no state) stays without sharing
+    opt.state_averager.allow_state_sharing = False
+    opt._after_state_load = True
+    opt.gradient_round_finished(None, 0.0)
+    assert opt.step() == "stepped" and not opt.state_averager.allow_state_sharing
 
 
 def test_a_round_with_groupmates_at_another_step_loads_the_state_again(caplog):
@@ -235,7 +242,7 @@ def test_a_round_with_groupmates_at_another_step_loads_the_state_again(caplog):
     gathered shows it; a peer off the group's most common step (on a tie, the one behind) loads the state again."""
     rounds, loads = [], []
     opt = _bare_optimizer(rounds)
-    opt.state_averager = types.SimpleNamespace(local_epoch=6)  # after this round (for its step 6)
+    opt.state_averager = types.SimpleNamespace(local_epoch=6, allow_state_sharing=True)  # after its step 5 -> 6
     opt.averaging_timeout = 5.0
     opt.scheduled_grads = None
     opt._others_epoch = lambda: 7
@@ -247,13 +254,14 @@ def test_a_round_with_groupmates_at_another_step_loads_the_state_again(caplog):
         assert not opt._resync, fine
     for apart in ({"a": 5, "b": 6}, {"a": 6, "b": 5, "c": 5}):  # behind in a tie; ahead of the rest of its group
         opt.gradient_round_finished(_FinishedRound(gathered=apart), 1.0)
-        assert opt._resync, apart
+        assert opt._resync and not opt.state_averager.allow_state_sharing, apart
         opt._resync = ""
+        opt._share_state_again()
     opt.gradient_round_finished(_FinishedRound(gathered={"a": 5, "b": 6, "c": 6}), 1.0)
     assert opt._resync and rounds[-1] == ("success", 3)
     with caplog.at_level("WARNING", logger="peer.swarm.optim"):
         assert opt.step() is None
-    assert loads == [6] and not opt._resync
+    assert loads == [6] and not opt._resync and opt.state_averager.allow_state_sharing
     assert "averaged for its step 6 in the round of step 7" in caplog.text and "loading the state again" in caplog.text
 
 
