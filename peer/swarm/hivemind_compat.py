@@ -655,6 +655,20 @@ def _build_robust_state_averager():
     class RobustStateAverager(MembersOnlyMixin, RobustAveragingMixin, TrainingStateAverager):
         """Sync mode: hivemind's ``TrainingStateAverager`` (parameters every few steps) with the run's rule."""
 
+        def load_state_from_peers(self, **kwargs):
+            """hivemind's, except that a download that ended early is one warning and no load (the optimizer's
+            caller, ``SwarmOptimizer.load_state_from_peers``, retries). hivemind takes whatever tensors came as the
+            state, and with optimizer statistics missing its loader failed with an IndexError, which the optimizer
+            logged as an ERROR with a traceback (seen through a relay, whose default limit cuts a connection after
+            128 KiB; nothing had been applied yet)."""
+            try:
+                return super().load_state_from_peers(**kwargs)
+            except IndexError:
+                logging.getLogger(__name__).warning(
+                    "a state download ended early (the peer left, or a relayed connection's limit); trying again"
+                )
+                return None
+
     return RobustStateAverager
 
 

@@ -704,3 +704,27 @@ def test_a_leader_that_begins_after_the_followers_timeout_is_one_warning_line():
         )
     assert hivemind_compat.shorten_late_group_start(bug)
     assert bug.levelno == logging.ERROR and bug.exc_info is not None  # any other failed assertion keeps its traceback
+
+
+@pytest.mark.timeout(30)
+def test_a_state_download_that_ended_early_is_one_warning_and_no_load(monkeypatch, caplog):
+    """hivemind takes whatever tensors came as the state: a download cut short (through a relay's 128 KiB limit, in
+    the NAT test) lacked optimizer statistics, and its loader raised an IndexError that the optimizer logged as an
+    ERROR with a traceback. Now: one warning, nothing loaded, and the caller retries."""
+    import threading
+
+    import torch
+    from hivemind.averaging import DecentralizedAverager
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    averager = object.__new__(hivemind_compat.RobustStateAverager)
+    averager._parent_pid = None  # never started: its __del__ has no process to stop
+    averager.optimizer = torch.optim.Adam([param])
+    averager.extra_tensors, averager.local_epoch = (), 4
+    averager.lock_averaged_tensors = threading.Lock()
+    cut_short = ({"epoch": 5, "optimizer_metadata": [{"type": "tensor", "index": 0}]}, [torch.ones(3)])
+    monkeypatch.setattr(DecentralizedAverager, "load_state_from_peers", lambda self, **kwargs: cut_short)
+    with caplog.at_level("WARNING"):
+        assert averager.load_state_from_peers(timeout=1.0) is None
+    assert "a state download ended early" in caplog.text and "Traceback" not in caplog.text
+    assert averager.local_epoch == 4 and torch.equal(param.detach(), torch.zeros(3))  # nothing was applied
