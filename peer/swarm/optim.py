@@ -485,7 +485,9 @@ class SwarmOptimizer(hivemind_compat.HookedOptimizer):
         """A round whose groupmates were at another step: peers at different steps hold different weights, so the
         round's averaged gradient left them apart, and every later round would "succeed" with them still apart (seen:
         a joiner that loaded the state just before the peer that sent it stepped without it, then took that peer's
-        next round as its own step, one step behind for good). A peer whose step is not the group's most common one
+        next round as its own step, one step behind for good). Equal weights under two steps happen too (hivemind's
+        ``load_state_from_peers`` labels a state one step behind the swarm with the swarm's step); a reload then only
+        aligns the steps, which this check cannot tell apart. A peer whose step is not the group's most common one
         (on a tie, the later one: the peer behind had missed a round) loads the state again at its next ``step`` (as
         after ``_note_first_round``). Each groupmate's step is what its averager gathered
         (``RobustGradientAverager.epoch_for_rounds``); a groupmate that gathered none (another bertswarm version) is
